@@ -1,0 +1,1 @@
+"""Run infrastructure shared by both trainers: configs, run folders, checkpoints, errors."""

@@ -1,0 +1,45 @@
+"""Atomic checkpoints: written to a temporary file in the same folder, then renamed over the old one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import UserError
+
+
+def atomic_write_bytes(path: Path, writer) -> None:
+    """Call `writer(file)` on a temporary file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write `state` with torch.save, atomically."""
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint on the CPU; a missing or corrupt file is a UserError."""
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}; the run has not saved one yet, start it without --resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise UserError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); it may be truncated. "
+            "Delete the run folder and start again."
+        ) from None

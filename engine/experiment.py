@@ -1,0 +1,70 @@
+"""From a config file (or a run folder) to a finished run: validate, create the folder, dispatch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine.config import apply_override, build_config, load_yaml, to_dict
+from engine.errors import ConfigError, UserError
+from engine.run_dir import RunDir, default_run_name, existing_run_dir, new_run_dir
+
+
+def trainer_families() -> dict[str, tuple[tuple[str, ...], type, Callable[..., dict[str, Any]]]]:
+    """family -> (methods, config dataclass, train function)."""
+    from adalfl.config import METHODS as SINGLE_TASK_METHODS
+    from adalfl.config import SingleTaskConfig
+    from adalfl.trainer import train as train_single_task
+    from npbml.config import METHODS as EPISODIC_METHODS
+    from npbml.config import EpisodicConfig
+    from npbml.meta_trainer import train as train_episodic
+
+    return {
+        "single-task": (SINGLE_TASK_METHODS, SingleTaskConfig, train_single_task),
+        "episodic": (EPISODIC_METHODS, EpisodicConfig, train_episodic),
+    }
+
+
+def resolve_config(data: dict[str, Any]) -> tuple[Any, Callable[..., dict[str, Any]]]:
+    """Pick the config schema from `method` and validate `data` against it."""
+    families = trainer_families()
+    method = data.get("method")
+    for methods, schema, train in families.values():
+        if method in methods:
+            return build_config(schema, data), train
+    valid = [m for methods, _, _ in families.values() for m in methods]
+    raise ConfigError(f"method = {method!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def resolve_data_root(flag: str | None, configured: str | None) -> Path:
+    """--data-root, then the config's data.root, then $META_DATA_ROOT, then ./data."""
+    for candidate in (flag, configured, os.environ.get("META_DATA_ROOT")):
+        if candidate:
+            return Path(candidate).expanduser()
+    return Path("data")
+
+
+def run_experiment(
+    config_path: Path | None,
+    resume: Path | None,
+    overrides: list[str],
+    data_root: str | None,
+    runs_root: Path,
+) -> dict[str, Any]:
+    """Run (or continue) one experiment; returns its results."""
+    if resume is not None:
+        if overrides:
+            raise UserError("--set cannot change a run that is being resumed; start a new run instead")
+        run = existing_run_dir(resume)
+        config, train = resolve_config(load_yaml(run.config))
+    else:
+        data = load_yaml(config_path)
+        for assignment in overrides:
+            apply_override(data, assignment)
+        config, train = resolve_config(data)
+        name = config.name or default_run_name(config_path)
+        run = new_run_dir(runs_root, name, to_dict(config))
+    root = resolve_data_root(data_root, config.data.root)
+    return train(config, run=RunDir(run.path), data_root=root, resume=resume is not None)

@@ -1,0 +1,54 @@
+"""Train one experiment from a YAML config: online AdaLFL on one task, or episodic meta-training.
+
+    python train.py --config configs/adalfl_cifar.yaml
+    python train.py --config configs/adalfl_mnist.yaml --set train.steps=2000 --set name=quick
+    python train.py --resume runs/quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine.errors import UserError
+from engine.experiment import run_experiment
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="YAML experiment config (see configs/)")
+    parser.add_argument("--resume", type=Path, help="run folder to continue from its last checkpoint")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.steps=500 (repeatable)",
+    )
+    parser.add_argument("--data-root", help="folder holding the data sets (default: $META_DATA_ROOT, then ./data)")
+    parser.add_argument("--runs-root", type=Path, default=Path("runs"), help="where run folders go")
+    args = parser.parse_args(argv)
+    if (args.config is None) == (args.resume is None):
+        parser.error("give exactly one of --config (a new run) or --resume (an existing run folder)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run_experiment(
+            config_path=args.config,
+            resume=args.resume,
+            overrides=args.overrides,
+            data_root=args.data_root,
+            runs_root=args.runs_root,
+        )
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is kept: continue with --resume <run folder>", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
