@@ -14,12 +14,13 @@ from engine.run_dir import RunDir, default_run_name, existing_run_dir, new_run_d
 
 def trainer_families() -> dict[str, tuple[tuple[str, ...], type, Callable[..., dict[str, Any]]]]:
     """family -> (methods, config dataclass, train function)."""
-    from adalfl.config import METHODS as SINGLE_TASK_METHODS
-    from adalfl.config import SingleTaskConfig
-    from adalfl.trainer import train as train_single_task
     from npbml.config import METHODS as EPISODIC_METHODS
     from npbml.config import EpisodicConfig
     from npbml.meta_trainer import train as train_episodic
+
+    from adalfl.config import METHODS as SINGLE_TASK_METHODS
+    from adalfl.config import SingleTaskConfig
+    from adalfl.trainer import train as train_single_task
 
     return {
         "single-task": (SINGLE_TASK_METHODS, SingleTaskConfig, train_single_task),

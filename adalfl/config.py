@@ -1,0 +1,108 @@
+"""The single-task experiment config: one model trained on one task with a handcrafted or learned loss.
+
+Defaults are the AdaLFL paper's CIFAR-10 protocol (see README, "Paper defaults").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from engine.errors import ConfigError
+
+Method = Literal["ce", "mse", "ml3", "adalfl"]
+"""ce / mse: handcrafted loss; ml3: loss learned offline (phase 1) then frozen; adalfl: phase 1 + online."""
+METHODS: tuple[str, ...] = get_args(Method)
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless `condition` holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"
+    root: str | None = None  # else --data-root, $META_DATA_ROOT, ./data
+    val_fraction: float = 0.1  # stratified share of the training set held out for validation
+    augment: bool = True  # random crop + flip on the training split of image sets
+
+    def __post_init__(self) -> None:
+        require(0.0 < self.val_fraction < 1.0, f"data.val_fraction = {self.val_fraction} must lie in (0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+
+
+@dataclass
+class OptimizerConfig:
+    """The base optimizer, torch.optim.SGD, and its MultiStep learning-rate schedule."""
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    milestones: list[int] = field(default_factory=lambda: [100_000, 135_000])
+    lr_decay: float = 0.1
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, f"optimizer.lr = {self.lr} must be positive")
+        require(0 <= self.momentum < 1, f"optimizer.momentum = {self.momentum} must lie in [0, 1)")
+        require(not self.nesterov or self.momentum > 0, "optimizer.nesterov needs optimizer.momentum > 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 150_000  # base-model gradient steps of the whole run
+    batch_size: int = 128
+    eval_every: int = 2_000  # validation and test metrics
+    eval_batch_size: int = 1_000
+    checkpoint_every: int = 1_000
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "eval_every", "eval_batch_size", "checkpoint_every"):
+            require(getattr(self, key) >= 1, f"train.{key} = {getattr(self, key)} must be at least 1")
+
+
+@dataclass
+class LossNetworkConfig:
+    hidden: list[int] = field(default_factory=lambda: [40, 40])
+    beta: float = 2.0  # smooth leaky ReLU sharpness
+    gamma: float = 0.25  # smooth leaky ReLU negative slope
+
+
+@dataclass
+class MetaConfig:
+    lr: float = 1e-3  # Adam on the loss network
+    init_steps: int = 2_500  # phase 1 (offline initialisation) meta steps
+    reset_period: int = 1  # phase 1 re-initialises the base model every this many meta steps
+    batch_source: Literal["validation", "train"] = "validation"  # where meta batches come from
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, f"meta.lr = {self.lr} must be positive")
+        require(self.init_steps >= 0, f"meta.init_steps = {self.init_steps} must be at least 0")
+        require(self.reset_period >= 1, f"meta.reset_period = {self.reset_period} must be at least 1")
+
+
+@dataclass
+class LogConfig:
+    scalars_every: int = 50
+    loss_shape_every: int = 1_000  # learned-loss curves l(y, p) as a TensorBoard figure
+
+
+@dataclass
+class SingleTaskConfig:
+    method: Method
+    name: str | None = None  # run folder name under runs/; default <config>-<date>-<time>
+    seed: int = 0
+    device: str = "auto"  # auto picks CUDA when present
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss_network: LossNetworkConfig = field(default_factory=LossNetworkConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    log: LogConfig = field(default_factory=LogConfig)

@@ -1,0 +1,149 @@
+"""One base-model step with a (learned) loss, and the one-step meta-gradient of the learned loss.
+
+The base step is the real optimizer's step (torch.optim.SGD: momentum, Nesterov, weight decay,
+its momentum buffer carried across steps). For SGD the new parameters depend on the loss
+parameters phi only through the gradient term,
+
+    theta' = theta - c * grad_theta M_phi(y, f_theta(X)) + (terms free of phi),
+    c = lr * (1 + momentum) with Nesterov, lr otherwise,
+
+so the meta-gradient of the task loss L at theta' needs no double backward:
+
+    dL/dphi = -c * d/dphi [ u . dM_phi(y, z)/dz ]  at z = f_theta(X),   u = J_theta f_theta(X) . v,
+
+with v = grad L(theta') and u one forward-mode product (torch.func.jvp) of the model at the old
+parameters, in train mode with batch statistics and the same dropout masks as the real forward.
+The virtual step IS the real step: nothing is computed twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+
+from engine.errors import NonFiniteError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class StepStats:
+    """Scalars of one step, for logging."""
+
+    train_loss: float  # the loss the model was stepped with (learned or handcrafted)
+    task_loss: float  # the task's own loss (cross-entropy or squared error) on the same batch
+    meta_loss: float | None = None  # task loss on the meta batch after the step
+    meta_grad_norm: float | None = None
+
+
+def sgd_gradient_coefficient(optimizer: torch.optim.SGD) -> float:
+    """c in theta' = theta - c * grad + (gradient-free terms) for the optimizer's current settings."""
+    group = optimizer.param_groups[0]
+    if group["dampening"] != 0:
+        raise ValueError("the unrolled SGD step assumes dampening = 0")
+    return group["lr"] * (1.0 + group["momentum"]) if group["nesterov"] else group["lr"]
+
+
+@contextlib.contextmanager
+def batch_statistics_only(model: nn.Module) -> Iterator[None]:
+    """Batch norm normalises with batch statistics and leaves its running statistics untouched."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.track_running_stats for m in norms]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, tracked in zip(norms, saved, strict=True):
+            m.track_running_stats = tracked
+
+
+@contextlib.contextmanager
+def replayed_rng(state: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Run a block with the random state of an earlier point (same dropout masks), then restore."""
+    devices = [torch.cuda.current_device()] if "cuda" in state else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"])
+        yield
+
+
+def capture_rng(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _check_finite(value: torch.Tensor, what: str, step: int, advice: str) -> None:
+    if not torch.isfinite(value).all():
+        raise NonFiniteError(f"{what} became non-finite at step {step}; {advice}")
+
+
+def online_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    optimizer: torch.optim.SGD,
+    batch: Batch,
+    task_loss: LossFn,
+    step: int,
+    meta: tuple[nn.Module, torch.optim.Optimizer, Batch] | None = None,
+    advice: str = "lower the learning rates",
+) -> StepStats:
+    """Step `model` with `loss_fn` on `batch`; with `meta = (loss_net, meta_optimizer, meta_batch)`
+    also update the loss network by the one-step meta-gradient of `task_loss` on `meta_batch`. A non-finite loss
+    (checked before the model steps) or meta-gradient (before the loss network steps) raises
+    NonFiniteError."""
+    inputs, targets = batch
+    device = inputs.device
+    model.train()
+    params = dict(model.named_parameters())
+    old_params = {name: p.detach().clone() for name, p in params.items()} if meta else None
+    rng_before = capture_rng(device) if meta else None
+
+    outputs = model(inputs)
+    outputs_leaf = outputs.detach().requires_grad_()
+    loss = loss_fn(outputs_leaf, targets)
+    _check_finite(loss.detach(), "the training loss", step, advice)
+    (dloss_doutputs,) = torch.autograd.grad(loss, outputs_leaf, create_graph=meta is not None)
+    coefficient = sgd_gradient_coefficient(optimizer)
+
+    optimizer.zero_grad(set_to_none=True)
+    outputs.backward(dloss_doutputs.detach())
+    optimizer.step()
+    with torch.no_grad():
+        batch_task_loss = loss if task_loss is loss_fn else task_loss(outputs_leaf, targets)
+    stats = StepStats(train_loss=loss.item(), task_loss=batch_task_loss.item())
+    if meta is None:
+        return stats
+
+    loss_net, meta_optimizer, (meta_inputs, meta_targets) = meta
+    with batch_statistics_only(model):
+        meta_loss = task_loss(model(meta_inputs), meta_targets)
+        direction = torch.autograd.grad(meta_loss, list(params.values()))
+        buffers = dict(model.named_buffers())
+
+        def forward(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return functional_call(model, {**p, **buffers}, (inputs,))
+
+        with replayed_rng(rng_before):
+            _, output_tangent = jvp(forward, (old_params,), (dict(zip(params, direction, strict=True)),))
+
+    meta_objective = -coefficient * (output_tangent.detach() * dloss_doutputs).sum()
+    meta_optimizer.zero_grad(set_to_none=True)
+    meta_objective.backward()
+    grad_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in loss_net.parameters() if p.grad is not None))
+    if not math.isfinite(grad_norm):
+        raise NonFiniteError(f"the meta-gradient of the learned loss became non-finite at step {step}; {advice}")
+    meta_optimizer.step()
+    stats.meta_loss = meta_loss.item()
+    stats.meta_grad_norm = grad_norm
+    return stats

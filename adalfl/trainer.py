@@ -1,0 +1,298 @@
+"""Single-task training with a handcrafted, offline-learned (ML3) or online-adapted (AdaLFL) loss.
+
+Phase 1 (ml3, adalfl): `meta.init_steps` meta steps, each one differentiable base step on a
+training batch followed by a loss-network update from the task loss on a meta batch; the base
+model is re-initialised every `meta.reset_period` steps. Phase 2: `train.steps` base steps of
+one model from a fresh initialisation; adalfl keeps meta-learning the loss at every step (the
+virtual step is the real step), ml3 freezes it, ce/mse use the handcrafted loss.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tasks.models import build_model
+from tasks.supervised import SupervisedTask, batch_indices, load_task
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from adalfl.analysis import loss_shape, loss_shape_figure
+from adalfl.config import SingleTaskConfig
+from adalfl.loss_network import OutputWiseLoss
+from adalfl.online_step import LossFn, StepStats, online_step
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.device import resolve_device
+from engine.errors import ConfigError
+from engine.interrupt import StopRequest
+from engine.rng import rng_state, seed_everything, set_rng_state, step_generator
+from engine.run_dir import RunDir, write_results, write_text_atomic
+
+# Independent random streams: (batch order, augmentation) per phase and split.
+TRAIN_STREAM, META_STREAM, INIT_TRAIN_STREAM, INIT_META_STREAM = 0, 1, 2, 3
+
+
+def regression_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of a one-output model."""
+    return F.mse_loss(outputs.reshape(targets.shape), targets)
+
+
+class SingleTaskTrainer:
+    """Holds every piece of state of a single-task run, so that it can be checkpointed and resumed."""
+
+    def __init__(self, config: SingleTaskConfig, run: RunDir, data_root: Path) -> None:
+        self.config, self.run = config, run
+        self.device = resolve_device(config.device)
+        seed_everything(config.seed)
+        self.task: SupervisedTask = load_task(
+            config.data.dataset, data_root, config.data.val_fraction, seed=config.seed, augment=config.data.augment
+        ).to(self.device)
+        self._check_method_fits_task()
+        self.task_loss: LossFn = F.cross_entropy if self.task.kind == "classification" else regression_loss
+        self.learns_loss = config.method in ("ml3", "adalfl")
+
+        self.model, self.optimizer, self.scheduler = self._fresh_base(stream=0)
+        self.loss_net: OutputWiseLoss | None = None
+        self.meta_optimizer: torch.optim.Adam | None = None
+        if self.learns_loss:
+            self.loss_net = OutputWiseLoss(
+                hidden=config.loss_network.hidden,
+                beta=config.loss_network.beta,
+                gamma=config.loss_network.gamma,
+                prediction="softmax" if self.task.kind == "classification" else "identity",
+            ).to(self.device)
+            self.meta_optimizer = torch.optim.Adam(self.loss_net.parameters(), lr=config.meta.lr)
+        self.init_step = 0 if self.learns_loss else config.meta.init_steps
+        self.init_model: tuple[nn.Module, torch.optim.SGD, Any] | None = None
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.loss_shapes: list[dict[str, Any]] = []
+        self.wall_time = 0.0
+        self.metric = "error" if self.task.kind == "classification" else "mse"
+        self.advice = (
+            f"lower meta.lr (now {config.meta.lr:g}) or optimizer.lr (now {config.optimizer.lr:g}) "
+            f"and start a new run; the last good checkpoint is kept in {run.checkpoint}"
+        )
+
+    def _check_method_fits_task(self) -> None:
+        method, kind = self.config.method, self.task.kind
+        if method == "ce" and kind == "regression":
+            raise ConfigError(f"method ce needs a classification data set; {self.task.name} is regression: use mse")
+        if method == "mse" and kind == "classification":
+            raise ConfigError(f"method mse needs a regression data set; {self.task.name} is classification: use ce")
+
+    # ----- building blocks -------------------------------------------------------------------
+    def _fresh_base(self, stream: int) -> tuple[nn.Module, torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
+        """A newly initialised base model (seeded by `stream`), its SGD optimizer and schedule."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed * 1_000_003 + stream)
+            model = build_model(self.config.model.name, self.task.input_shape, self.task.num_outputs)
+        model = model.to(self.device)
+        opt = self.config.optimizer
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
+            weight_decay=opt.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, opt.milestones, gamma=opt.lr_decay)
+        return model, optimizer, scheduler
+
+    def _batch(self, split: str, step: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number `step` of `split` in random stream `stream`, augmented when from train."""
+        size = self.task.size(split)
+        batch_size = min(self.config.train.batch_size, size)
+        indices = batch_indices(size, batch_size, self.config.seed * 7919 + stream, step)
+        generator = step_generator(self.config.seed, step, stream) if split == "train" else None
+        return self.task.batch(split, indices, generator, device=self.device)
+
+    def _meta_split(self) -> str:
+        return "val" if self.config.meta.batch_source == "validation" else "train"
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        """Error rate (classification) or MSE (regression) and the task loss over a whole split."""
+        model.eval()
+        size, chunk = self.task.size(split), self.config.train.eval_batch_size
+        total_loss, total_metric = 0.0, 0.0
+        for start in range(0, size, chunk):
+            inputs, targets = self.task.batch(split, torch.arange(start, min(start + chunk, size)), device=self.device)
+            outputs = model(inputs)
+            n = targets.shape[0]
+            total_loss += self.task_loss(outputs, targets).item() * n
+            if self.metric == "error":
+                total_metric += (outputs.argmax(dim=1) != targets).sum().item()
+        model.train()
+        loss = total_loss / size
+        return {"loss": loss, self.metric: total_metric / size if self.metric == "error" else loss}
+
+    # ----- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "step": self.step, "init_step": self.init_step, "history": self.history,
+            "loss_shapes": self.loss_shapes, "wall_time": self.wall_time, "rng": rng_state(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+        if self.loss_net is not None:
+            state["loss_net"] = self.loss_net.state_dict()
+            state["meta_optimizer"] = self.meta_optimizer.state_dict()
+        if self.init_model is not None:
+            model, optimizer, scheduler = self.init_model
+            state["init_model"] = (model.state_dict(), optimizer.state_dict(), scheduler.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.init_step = state["step"], state["init_step"]
+        self.history, self.loss_shapes, self.wall_time = state["history"], state["loss_shapes"], state["wall_time"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.loss_net is not None:
+            self.loss_net.load_state_dict(state["loss_net"])
+            self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        if "init_model" in state:
+            self.init_model = self._fresh_base(stream=0)
+            for part, saved in zip(self.init_model, state["init_model"], strict=True):
+                part.load_state_dict(saved)
+        set_rng_state(state["rng"])
+
+    def save(self) -> None:
+        save_checkpoint(self.run.checkpoint, self.state_dict())
+
+    # ----- logging ---------------------------------------------------------------------------
+    def _log_step(self, writer: SummaryWriter, prefix: str, step: int, stats: StepStats) -> None:
+        writer.add_scalar(f"{prefix}/task_loss", stats.task_loss, step)
+        if self.learns_loss:
+            writer.add_scalar(f"{prefix}/learned_loss", stats.train_loss, step)
+        if stats.meta_loss is not None:
+            writer.add_scalar(f"{prefix}/meta_loss", stats.meta_loss, step)
+            writer.add_scalar(f"{prefix}/meta_grad_norm", stats.meta_grad_norm, step)
+
+    def _log_loss_shape(self, writer: SummaryWriter, phase: str, step: int) -> None:
+        shape = loss_shape(self.loss_net)
+        self.loss_shapes.append({"phase": phase, "step": step, **shape})
+        writer.add_figure("learned_loss/shape", loss_shape_figure(shape, f"{phase} step {step}"), step)
+
+    def _log_evaluation(self, writer: SummaryWriter) -> dict[str, float]:
+        record: dict[str, float] = {"step": self.step}
+        for split in ("val", "test"):
+            for key, value in self.evaluate(self.model, split).items():
+                record[f"{split}_{key}"] = value
+                writer.add_scalar(f"{split}/{key}", value, self.step)
+        self.history.append(record)
+        return record
+
+    # ----- the two phases --------------------------------------------------------------------
+    def offline_initialisation(self, stop: StopRequest) -> None:
+        """Phase 1: learn the loss's initial shape over short horizons of freshly initialised models."""
+        meta = self.config.meta
+        writer = SummaryWriter(self.run.events / "init", purge_step=self.init_step)
+        bar = tqdm(total=meta.init_steps, initial=self.init_step, desc="phase 1: loss init", unit="step",
+                   dynamic_ncols=True)
+        try:
+            while self.init_step < meta.init_steps:
+                started = time.perf_counter()
+                if self.init_model is None or self.init_step % meta.reset_period == 0:
+                    self.init_model = self._fresh_base(stream=1 + self.init_step)
+                model, optimizer, _ = self.init_model
+                stats = online_step(
+                    model, self.loss_net, optimizer, self._batch("train", self.init_step, INIT_TRAIN_STREAM),
+                    self.task_loss, self.init_step,
+                    meta=(self.loss_net, self.meta_optimizer,
+                          self._batch(self._meta_split(), self.init_step, INIT_META_STREAM)),
+                    advice=self.advice,
+                )
+                self.init_step += 1
+                self.wall_time += time.perf_counter() - started
+                if self.init_step % self.config.log.scalars_every == 0:
+                    self._log_step(writer, "init", self.init_step, stats)
+                bar.update()
+                bar.set_postfix(learned=f"{stats.train_loss:.4f}", meta=f"{stats.meta_loss:.4f}")
+                if self.init_step == meta.init_steps:
+                    self.init_model = None
+                    self._log_loss_shape(writer, "init", self.init_step)
+                if self.init_step % self.config.train.checkpoint_every == 0 or self.init_step == meta.init_steps:
+                    self.save()
+                if stop.requested:
+                    self.save()
+                    raise KeyboardInterrupt
+        finally:
+            bar.close()
+            writer.close()
+
+    def online_training(self, stop: StopRequest) -> None:
+        """Phase 2: train the model for `train.steps` steps; adalfl adapts the loss at every step."""
+        cfg = self.config
+        writer = SummaryWriter(self.run.events, purge_step=self.step)
+        adapt = cfg.method == "adalfl"
+        loss_fn = self.loss_net if self.learns_loss else self.task_loss
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc=f"phase 2: {cfg.method}", unit="step",
+                   dynamic_ncols=True)
+        try:
+            if self.step == 0 and self.learns_loss:
+                self._log_loss_shape(writer, "online", 0)
+            while self.step < cfg.train.steps:
+                started = time.perf_counter()
+                meta = None
+                if adapt:
+                    meta = (self.loss_net, self.meta_optimizer, self._batch(self._meta_split(), self.step, META_STREAM))
+                stats = online_step(
+                    self.model, loss_fn, self.optimizer, self._batch("train", self.step, TRAIN_STREAM),
+                    self.task_loss, self.step, meta=meta, advice=self.advice,
+                )
+                self.scheduler.step()
+                self.step += 1
+                self.wall_time += time.perf_counter() - started
+                if self.step % cfg.log.scalars_every == 0:
+                    self._log_step(writer, "train", self.step, stats)
+                    writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
+                if adapt and self.step % cfg.log.loss_shape_every == 0:
+                    self._log_loss_shape(writer, "online", self.step)
+                postfix = {"loss": f"{stats.task_loss:.4f}"}
+                if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
+                    record = self._log_evaluation(writer)
+                    postfix[f"val_{self.metric}"] = f"{record[f'val_{self.metric}']:.4f}"
+                if stats.meta_loss is not None:
+                    postfix["meta"] = f"{stats.meta_loss:.4f}"
+                bar.update()
+                bar.set_postfix(postfix, refresh=False)
+                if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.steps:
+                    self.save()
+                if stop.requested:
+                    self.save()
+                    raise KeyboardInterrupt
+        finally:
+            bar.close()
+            writer.close()
+
+    def results(self) -> dict[str, Any]:
+        final = self.history[-1]
+        cfg = self.config
+        return {
+            "method": cfg.method, "dataset": cfg.data.dataset, "model": cfg.model.name, "seed": cfg.seed,
+            "steps": self.step, "init_steps": self.init_step if self.learns_loss else 0,
+            f"test_{self.metric}": final[f"test_{self.metric}"], f"val_{self.metric}": final[f"val_{self.metric}"],
+            "test_loss": final["test_loss"], "wall_time_s": round(self.wall_time, 3), "history": self.history,
+        }
+
+
+def train(config: SingleTaskConfig, run: RunDir, data_root: Path, resume: bool) -> dict[str, Any]:
+    """Run (or resume) a single-task experiment in `run`; writes results.json and returns it."""
+    trainer = SingleTaskTrainer(config, run, data_root)
+    if resume:
+        trainer.load_state_dict(load_checkpoint(run.checkpoint))
+    with StopRequest() as stop:
+        if trainer.learns_loss and trainer.init_step < config.meta.init_steps:
+            trainer.offline_initialisation(stop)
+        if trainer.step < config.train.steps:
+            trainer.online_training(stop)
+    results = trainer.results()
+    if trainer.loss_shapes:
+        write_text_atomic(run.path / "loss_shapes.json", json.dumps(trainer.loss_shapes))
+    write_results(run, results)
+    print(f"{config.method}: test {trainer.metric} {results[f'test_{trainer.metric}']:.4f}; results in {run.results}")
+    return results

@@ -1,0 +1,109 @@
+"""The one-step meta-gradient against finite differences and a double-backward oracle."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from adalfl.loss_network import OutputWiseLoss
+from adalfl.online_step import batch_statistics_only, online_step, sgd_gradient_coefficient
+
+
+def tiny_setup(nesterov: bool = True, dropout: float = 0.0):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3)
+    ).double()
+    loss_net = OutputWiseLoss(hidden=(6, 6)).double()
+    with torch.no_grad():  # a steeper loss than the default init, so the meta-gradient is far from zero
+        for p in loss_net.parameters():
+            p.mul_(4.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=5e-3)
+    x, y = torch.randn(16, 5, dtype=torch.double), torch.randint(0, 3, (16,))
+    xv, yv = torch.randn(12, 5, dtype=torch.double), torch.randint(0, 3, (12,))
+    # two warm-up steps so the momentum buffer is non-zero
+    for _ in range(2):
+        online_step(model, loss_net, optimizer, (x, y), F.cross_entropy, step=0)
+    return model, loss_net, optimizer, (x, y), (xv, yv)
+
+
+def copy_optimizer(optimizer: torch.optim.SGD, model: nn.Module) -> torch.optim.SGD:
+    """An SGD over `model` with a deep copy of `optimizer`'s settings and momentum buffers."""
+    settings = {k: optimizer.defaults[k] for k in ("lr", "momentum", "nesterov", "weight_decay")}
+    clone = torch.optim.SGD(model.parameters(), **settings)
+    clone.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    return clone
+
+
+def meta_loss_after_step(model, loss_net, optimizer, batch, meta_batch) -> float:
+    """The task loss on the meta batch after one real optimizer step of copies of everything."""
+    model = copy.deepcopy(model)
+    optimizer_copy = copy_optimizer(optimizer, model)
+    torch.manual_seed(123)
+    online_step(model, loss_net, optimizer_copy, batch, F.cross_entropy, step=0)
+    model.train()
+    with torch.no_grad(), batch_statistics_only(model):
+        return F.cross_entropy(model(meta_batch[0]), meta_batch[1]).item()
+
+
+def analytic_meta_gradient(model, loss_net, optimizer, batch, meta_batch) -> list[torch.Tensor]:
+    model, loss_net = copy.deepcopy(model), copy.deepcopy(loss_net)
+    optimizer_copy = copy_optimizer(optimizer, model)
+    meta_optimizer = torch.optim.SGD(loss_net.parameters(), lr=0.0)
+    torch.manual_seed(123)
+    online_step(model, loss_net, optimizer_copy, batch, F.cross_entropy, step=0,
+                meta=(loss_net, meta_optimizer, meta_batch))
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in loss_net.parameters()]
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_meta_gradient_matches_finite_differences(nesterov: bool, dropout: float) -> None:
+    model, loss_net, optimizer, batch, meta_batch = tiny_setup(nesterov, dropout)
+    grads = analytic_meta_gradient(model, loss_net, optimizer, batch, meta_batch)
+    direction = [torch.randn_like(g) for g in grads]
+    eps = 1e-5
+    values = []
+    for sign in (1, -1):
+        shifted = copy.deepcopy(loss_net)
+        with torch.no_grad():
+            for p, d in zip(shifted.parameters(), direction):
+                p.add_(sign * eps * d)
+        values.append(meta_loss_after_step(model, shifted, optimizer, batch, meta_batch))
+    finite_difference = (values[0] - values[1]) / (2 * eps)
+    analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
+    assert analytic == pytest.approx(finite_difference, rel=1e-5, abs=1e-9)
+    assert abs(analytic) > 1e-6  # the check is not vacuous
+
+
+def test_meta_gradient_matches_double_backward_through_the_sgd_rule() -> None:
+    """Oracle: unroll torch.optim.SGD's rule by hand with create_graph and differentiate twice."""
+    model, loss_net, optimizer, (x, y), (xv, yv) = tiny_setup(nesterov=True)
+    grads = analytic_meta_gradient(model, loss_net, optimizer, (x, y), (xv, yv))
+
+    params = dict(model.named_parameters())
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    lr, mu, wd = 0.1, 0.9, 5e-3
+    model.train()
+    outputs = functional_call(model, {**params, **buffers}, (x,))
+    g = torch.autograd.grad(loss_net(outputs, y), list(params.values()), create_graph=True)
+    new_params = {}
+    for (name, p), grad in zip(params.items(), g):
+        d = grad + wd * p.detach()
+        buf = mu * optimizer.state[p]["momentum_buffer"] + d
+        new_params[name] = p.detach() - lr * (d + mu * buf)
+    with batch_statistics_only(model):
+        meta_loss = F.cross_entropy(functional_call(model, {**new_params, **buffers}, (xv,)), yv)
+    oracle = torch.autograd.grad(meta_loss, list(loss_net.parameters()), allow_unused=True, materialize_grads=True)
+    for a, b in zip(grads, oracle):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_gradient_coefficient_follows_the_optimizer_settings() -> None:
+    p = [nn.Parameter(torch.zeros(1))]
+    assert sgd_gradient_coefficient(torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True)) == pytest.approx(0.19)
+    assert sgd_gradient_coefficient(torch.optim.SGD(p, lr=0.1, momentum=0.9)) == pytest.approx(0.1)
+    assert sgd_gradient_coefficient(torch.optim.SGD(p, lr=0.1)) == pytest.approx(0.1)
