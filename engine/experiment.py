@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -12,30 +13,27 @@ from engine.errors import ConfigError, UserError
 from engine.run_dir import RunDir, default_run_name, existing_run_dir, new_run_dir
 
 
-def trainer_families() -> dict[str, tuple[tuple[str, ...], type, Callable[..., dict[str, Any]]]]:
-    """family -> (methods, config dataclass, train function)."""
-    from npbml.config import METHODS as EPISODIC_METHODS
-    from npbml.config import EpisodicConfig
-    from npbml.meta_trainer import train as train_episodic
-
+def trainer_families() -> list[tuple[tuple[str, ...], type, str]]:
+    """(methods, config dataclass, module whose `train` runs them) for each kind of experiment."""
     from adalfl.config import METHODS as SINGLE_TASK_METHODS
     from adalfl.config import SingleTaskConfig
-    from adalfl.trainer import train as train_single_task
+    from npbml.config import METHODS as EPISODIC_METHODS
+    from npbml.config import EpisodicConfig
 
-    return {
-        "single-task": (SINGLE_TASK_METHODS, SingleTaskConfig, train_single_task),
-        "episodic": (EPISODIC_METHODS, EpisodicConfig, train_episodic),
-    }
+    return [
+        (SINGLE_TASK_METHODS, SingleTaskConfig, "adalfl.trainer"),
+        (EPISODIC_METHODS, EpisodicConfig, "npbml.meta_trainer"),
+    ]
 
 
 def resolve_config(data: dict[str, Any]) -> tuple[Any, Callable[..., dict[str, Any]]]:
-    """Pick the config schema from `method` and validate `data` against it."""
+    """Pick the config schema from `method`, validate `data` against it, and find its trainer."""
     families = trainer_families()
     method = data.get("method")
-    for methods, schema, train in families.values():
+    for methods, schema, module in families:
         if method in methods:
-            return build_config(schema, data), train
-    valid = [m for methods, _, _ in families.values() for m in methods]
+            return build_config(schema, data), importlib.import_module(module).train
+    valid = [m for methods, _, _ in families for m in methods]
     raise ConfigError(f"method = {method!r} is not valid; choose one of: {', '.join(valid)}")
 
 

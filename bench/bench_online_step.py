@@ -1,0 +1,93 @@
+"""Cost of one AdaLFL online step against one plain cross-entropy step, measured side by side.
+
+    .venv/bin/python bench/bench_online_step.py [--repeats 10] [--device cpu|cuda]
+
+Prints, per model at batch 128: median step time of each, their ratio (target <= 3.0) and the peak
+tensor memory of one step of each and its ratio (target <= 2.5). CPU memory comes from the PyTorch
+profiler's memory timeline, GPU memory from torch.cuda.max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+from adalfl.loss_network import OutputWiseLoss
+from adalfl.online_step import online_step
+from tasks.models import build_model
+
+CASES = [("lenet5", (1, 28, 28)), ("allcnnc", (3, 32, 32))]
+
+
+def make_step(name: str, shape: tuple[int, ...], adaptive: bool, device: torch.device, batch: int):
+    """A closure running one training step of a fresh model, plain CE or AdaLFL."""
+    torch.manual_seed(0)
+    model = build_model(name, shape, 10).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    data = (torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device))
+    meta_data = (torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device))
+    if not adaptive:
+        return lambda: online_step(model, F.cross_entropy, optimizer, data, F.cross_entropy, 0)
+    loss_net = OutputWiseLoss().to(device)
+    meta_optimizer = torch.optim.Adam(loss_net.parameters(), lr=1e-3)
+    return lambda: online_step(model, loss_net, optimizer, data, F.cross_entropy, 0,
+                               meta=(loss_net, meta_optimizer, meta_data))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory(step, device: torch.device) -> float:
+    """Peak bytes of tensor memory during one call of `step`."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(device)
+    return float(max(sum(s) for s in sizes))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"device: {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | batch {args.batch}")
+    print("| model | CE step (ms) | AdaLFL step (ms) | time ratio (<= 3.0) | CE peak (MB) | AdaLFL peak (MB) "
+          "| memory ratio (<= 2.5) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, shape in CASES:
+        steps = {kind: make_step(name, shape, kind == "adalfl", device, args.batch) for kind in ("ce", "adalfl")}
+        times: dict[str, list[float]] = {"ce": [], "adalfl": []}
+        for kind in ("ce", "adalfl"):
+            for _ in range(3):
+                steps[kind]()
+        for _ in range(args.repeats):  # interleaved, so both see the same machine state
+            for kind in ("ce", "adalfl"):
+                sync(device)
+                started = time.perf_counter()
+                steps[kind]()
+                sync(device)
+                times[kind].append(time.perf_counter() - started)
+        ms = {kind: 1000 * statistics.median(values) for kind, values in times.items()}
+        memory = {kind: peak_memory(steps[kind], device) / 2**20 for kind in ("ce", "adalfl")}
+        print(f"| {name} {shape} | {ms['ce']:.1f} | {ms['adalfl']:.1f} | {ms['adalfl'] / ms['ce']:.2f} "
+              f"| {memory['ce']:.1f} | {memory['adalfl']:.1f} | {memory['adalfl'] / memory['ce']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

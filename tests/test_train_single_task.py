@@ -1,0 +1,157 @@
+"""End to end through train.py: every single-task method, run outputs, exact resume, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import adalfl.trainer
+import train
+from engine.interrupt import StopRequest
+
+QUICK = [
+    "--set", "train.steps=24", "--set", "train.eval_every=12", "--set", "train.checkpoint_every=8",
+    "--set", "meta.init_steps=6", "--set", "log.scalars_every=4", "--set", "log.loss_shape_every=12",
+    "--set", "device=cpu",
+]
+MNIST_QUICK = [*QUICK, "--set", "train.batch_size=32", "--set", "train.eval_batch_size=2000"]
+
+
+def run_train(tmp_path: Path, data_root: Path, config: str, name: str, *extra: str) -> int:
+    return train.main([
+        "--config", f"configs/{config}.yaml", "--data-root", str(data_root), "--runs-root", str(tmp_path),
+        "--set", f"name={name}", *extra,
+    ])
+
+
+def scalar_tags(folder: Path) -> set[str]:
+    accumulator = EventAccumulator(str(folder))
+    accumulator.Reload()
+    return set(accumulator.Tags()["scalars"]) | {f"image:{t}" for t in accumulator.Tags()["images"]}
+
+
+@pytest.mark.parametrize(
+    ("config", "extra", "metric"),
+    [
+        ("ce_mnist", MNIST_QUICK, "test_error"),
+        ("ml3_mnist", MNIST_QUICK, "test_error"),
+        ("adalfl_mnist", MNIST_QUICK, "test_error"),
+        ("mse_california", QUICK, "test_mse"),
+        ("ml3_california", QUICK, "test_mse"),
+        ("adalfl_california", QUICK, "test_mse"),
+    ],
+)
+def test_each_method_trains_and_writes_its_run_folder(tmp_path, shared_data, config, extra, metric) -> None:
+    assert run_train(tmp_path, shared_data, config, "run", *extra) == 0
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 24 and results["seed"] == 0 and results["wall_time_s"] > 0
+    assert 0 <= results[metric] < (1.0 if metric == "test_error" else 10.0)
+    assert [h["step"] for h in results["history"]] == [12, 24]
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert checkpoint["step"] == 24
+    assert (run / "config.yaml").read_text().startswith("method:")
+
+    tags = scalar_tags(run / "tensorboard")
+    expected = {"train/task_loss", "train/lr", "val/loss", "test/loss", f"val/{metric[5:]}", f"test/{metric[5:]}"}
+    if not config.startswith(("ce", "mse")):
+        expected |= {"train/learned_loss", "image:learned_loss/shape"}
+        assert "init/meta_loss" in scalar_tags(run / "tensorboard" / "init")
+        shapes = json.loads((run / "loss_shapes.json").read_text())
+        assert shapes[0]["phase"] == "init" and len(shapes[0]["y=1"]) == len(shapes[0]["prediction"])
+    if config.startswith("adalfl"):
+        expected |= {"train/meta_loss", "train/meta_grad_norm"}
+    assert expected <= tags
+
+
+class StopAfter(StopRequest):
+    """Asks the trainer to stop after it has read `requested` a given number of times."""
+
+    reads_before_stop = 0
+
+    @property
+    def requested(self) -> bool:
+        StopAfter.reads_before_stop -= 1
+        return StopAfter.reads_before_stop == 0
+
+    @requested.setter
+    def requested(self, value: bool) -> None:
+        pass
+
+
+@pytest.mark.parametrize("stop_at", [3, 15], ids=["in-phase-1", "in-phase-2"])
+def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, shared_data, monkeypatch, stop_at) -> None:
+    args = [*QUICK, "--set", "model.name=mlp"]
+    assert run_train(tmp_path, shared_data, "adalfl_california", "whole", *args) == 0
+
+    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopAfter)
+    StopAfter.reads_before_stop = stop_at
+    assert run_train(tmp_path, shared_data, "adalfl_california", "split", *args) == 130
+    assert not (tmp_path / "split" / "results.json").exists()
+    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopRequest)
+    assert train.main(["--resume", str(tmp_path / "split"), "--data-root", str(shared_data)]) == 0
+
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    split = json.loads((tmp_path / "split" / "results.json").read_text())
+    assert split["history"] == whole["history"]
+    assert split["test_mse"] == whole["test_mse"]
+
+
+def expect_error(capsys, code: int, *fragments: str) -> None:
+    assert code == 2
+    message = capsys.readouterr().err
+    assert "Traceback" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("trian.steps=5", ["unknown config key 'trian'", "did you mean 'train'"]),
+        ("train.stesp=5", ["'train.stesp'", "did you mean 'train.steps'"]),
+        ("train.steps=many", ["train.steps", "expected int"]),
+        ("method=adalf", ["did you mean 'adalfl'", "ml3"]),
+        ("model.name=resnet19", ["resnet19", "resnet18", "lenet5"]),
+        ("data.dataset=cifar11", ["cifar11", "cifar10", "mnist"]),
+        ("meta.batch_source=test", ["meta.batch_source", "validation"]),
+        ("method=mse", ["regression", "use ce"]),
+    ],
+)
+def test_bad_config_values_get_one_clear_message(tmp_path, shared_data, capsys, override, fragments) -> None:
+    expect_error(capsys, run_train(tmp_path, shared_data, "ce_mnist", "bad", *QUICK, "--set", override), *fragments)
+
+
+def test_missing_config_file_and_data_are_named(tmp_path, capsys) -> None:
+    expect_error(capsys, train.main(["--config", str(tmp_path / "nope.yaml")]), "nope.yaml", "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    expect_error(capsys, run_train(tmp_path, empty, "ce_mnist", "nodata", *QUICK), "train-images-idx3-ubyte.gz")
+
+
+def test_corrupt_data_file_is_reported(tmp_path, shared_data, capsys) -> None:
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (shared_data / "MNIST" / "raw").iterdir():
+        (raw / f.name).write_bytes(f.read_bytes())
+    (raw / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"not an idx file"))
+    code = run_train(tmp_path, tmp_path / "data", "ce_mnist", "corrupt", *QUICK)
+    expect_error(capsys, code, "train-labels-idx1-ubyte.gz")
+
+
+def test_a_diverging_run_stops_cleanly_and_keeps_its_last_checkpoint(tmp_path, shared_data, capsys) -> None:
+    code = run_train(
+        tmp_path, shared_data, "adalfl_california", "nan", *QUICK,
+        "--set", "meta.init_steps=0", "--set", "train.checkpoint_every=1", "--set", "optimizer.lr=1e6",
+    )
+    expect_error(capsys, code, "non-finite at step", "lower meta.lr", "optimizer.lr")
+    run = tmp_path / "nan"
+    assert not (run / "results.json").exists()
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert code == 2
