@@ -16,8 +16,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tasks.models import build_model
-from tasks.supervised import SupervisedTask, batch_indices, load_task
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -28,10 +26,12 @@ from adalfl.loss_network import OutputWiseLoss
 from adalfl.online_step import LossFn, StepStats, online_step
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.device import resolve_device
-from engine.errors import ConfigError
+from engine.errors import ConfigError, NonFiniteError
 from engine.interrupt import StopRequest
 from engine.rng import rng_state, seed_everything, set_rng_state, step_generator
 from engine.run_dir import RunDir, write_results, write_text_atomic
+from tasks.models import build_model
+from tasks.supervised import SupervisedTask, batch_indices, load_task
 
 # Independent random streams: (batch order, augmentation) per phase and split.
 TRAIN_STREAM, META_STREAM, INIT_TRAIN_STREAM, INIT_META_STREAM = 0, 1, 2, 3
@@ -161,6 +161,11 @@ class SingleTaskTrainer:
         set_rng_state(state["rng"])
 
     def save(self) -> None:
+        """Checkpoint the run, unless a parameter is no longer finite (then the last good one stays)."""
+        models = [self.model, self.loss_net, self.init_model[0] if self.init_model else None]
+        for model in filter(None, models):
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise NonFiniteError(f"parameters became non-finite by step {self.step}; {self.advice}")
         save_checkpoint(self.run.checkpoint, self.state_dict())
 
     # ----- logging ---------------------------------------------------------------------------

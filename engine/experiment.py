@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 from collections.abc import Callable
@@ -34,7 +35,9 @@ def resolve_config(data: dict[str, Any]) -> tuple[Any, Callable[..., dict[str, A
         if method in methods:
             return build_config(schema, data), importlib.import_module(module).train
     valid = [m for methods, _, _ in families for m in methods]
-    raise ConfigError(f"method = {method!r} is not valid; choose one of: {', '.join(valid)}")
+    near = difflib.get_close_matches(str(method), valid, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    raise ConfigError(f"method = {method!r} is not valid{hint}; choose one of: {', '.join(valid)}")
 
 
 def resolve_data_root(flag: str | None, configured: str | None) -> Path:

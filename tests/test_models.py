@@ -1,0 +1,62 @@
+"""Model registry: every model builds for its input shapes, gives (B, outputs), and works under torch.func."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call, jvp, replace_all_batch_norm_modules_
+
+from engine.errors import ConfigError
+from tasks.models import FLAT_INPUT_MODELS, MODELS, build_model
+
+MNIST, CIFAR, SMALL, TABULAR = (1, 28, 28), (3, 32, 32), (3, 12, 12), (10,)
+LIGHT = [name for name in MODELS if name != "wrn28_10"]
+
+
+def _cases() -> list[tuple[str, tuple[int, ...], int]]:
+    cases = [(name, shape, 10) for name in LIGHT for shape in (MNIST, CIFAR)]
+    cases += [(name, TABULAR, 1) for name in sorted(FLAT_INPUT_MODELS)]
+    return cases + [("resnet18", CIFAR, 100)]
+
+
+@pytest.mark.parametrize(("name", "shape", "outputs"), _cases())
+def test_model_output_shape(name, shape, outputs) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, shape, outputs)
+    assert model(torch.randn(3, *shape)).shape == (3, outputs)
+    assert not any(getattr(module, "inplace", False) for module in model.modules())
+
+
+def test_wrn28_10_forward_on_a_tiny_batch() -> None:
+    model = build_model("wrn28_10", CIFAR, 10)
+    assert 36_000_000 < sum(p.numel() for p in model.parameters()) < 37_000_000  # the paper's 36.5M
+    with torch.no_grad():
+        assert model(torch.randn(2, *CIFAR)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", LIGHT)
+def test_forward_mode_jvp_through_the_model(name) -> None:
+    """The trainer pushes tangents through the model with torch.func.jvp (batch norm on batch statistics).
+    Small 12x12 images keep it fast: the models pool adaptively."""
+    torch.manual_seed(0)
+    model = build_model(name, SMALL, 10)
+    replace_all_batch_norm_modules_(model)
+    model.eval()  # a fixed dropout mask; batch norm still uses batch statistics after the replacement
+    x = torch.randn(2, *SMALL)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    tangents = {k: torch.randn_like(v) for k, v in params.items()}
+    out, tangent_out = jvp(lambda p: functional_call(model, p, (x,)), (params,), (tangents,))
+    assert out.shape == tangent_out.shape == (2, 10)
+    # <J t, w> must equal <t, J^T w> from reverse mode.
+    weights = torch.randn_like(out)
+    params = {k: v.requires_grad_() for k, v in params.items()}
+    grads = torch.autograd.grad((functional_call(model, params, (x,)) * weights).sum(), list(params.values()))
+    reverse = sum((g * tangents[k]).sum() for k, g in zip(params, grads))
+    assert torch.allclose((tangent_out * weights).sum(), reverse, rtol=1e-3)
+
+
+def test_unknown_model_and_image_model_on_flat_inputs_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="valid names: linear, mlp, lenet5, allcnnc, vgg16, resnet18"):
+        build_model("resnet50", CIFAR, 10)
+    with pytest.raises(ConfigError, match="needs image inputs"):
+        build_model("lenet5", TABULAR, 1)
