@@ -1,0 +1,60 @@
+"""The learned loss is output-wise: one small MLP on (y_i, p_i) pairs, averaged over outputs and batch."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from adalfl.loss_network import LossMLP, OutputWiseLoss, SmoothLeakyReLU
+
+
+def test_smooth_leaky_relu_formula() -> None:
+    x = torch.linspace(-5, 5, 11)
+    s = SmoothLeakyReLU(beta=2.0, gamma=0.25)(x)
+    expected = [(1 - 0.25) * math.log1p(math.exp(2 * v)) / 2 + 0.25 * v for v in x.tolist()]
+    torch.testing.assert_close(s, torch.tensor(expected))
+
+
+def test_loss_is_the_mean_of_per_output_values() -> None:
+    torch.manual_seed(0)
+    loss = OutputWiseLoss(hidden=(40, 40))
+    logits, labels = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    p, y = logits.softmax(-1), F.one_hot(labels, 4).float()
+    per_output = torch.stack([
+        torch.stack([loss.net(torch.stack((y[b, i], p[b, i]))[None])[0] for i in range(4)]) for b in range(6)
+    ])
+    torch.testing.assert_close(loss(logits, labels), per_output.mean())
+    torch.testing.assert_close(loss(logits, labels), per_output.mean(dim=1).mean())
+
+
+def test_loss_is_output_wise_one_network_call_for_all_pairs() -> None:
+    loss = OutputWiseLoss()
+    calls = []
+    loss.net.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape))
+    loss(torch.randn(8, 10), torch.randint(0, 10, (8,)))
+    assert calls == [torch.Size([80, 2])]
+
+
+def test_one_output_value_depends_only_on_its_own_pair() -> None:
+    loss = OutputWiseLoss(prediction="identity")
+    target, prediction = torch.randn(5, 3), torch.randn(5, 3)
+    base = loss.pointwise(target, prediction)
+    changed = prediction.clone()
+    changed[2, 1] += 1.0
+    diff = loss.pointwise(target, changed) - base
+    assert diff[2, 1] != 0 and (diff.flatten().count_nonzero() == 1)
+
+
+def test_prediction_transforms_and_linear_output() -> None:
+    logits = torch.randn(3, 5)
+    assert torch.allclose(OutputWiseLoss(prediction="softmax").predict(logits), logits.softmax(-1))
+    assert torch.allclose(OutputWiseLoss(prediction="sigmoid").predict(logits), logits.sigmoid())
+    net = OutputWiseLoss().net
+    assert isinstance(net.output_activation, torch.nn.Identity)  # no Softplus on the output
+    assert [layer.out_features for layer in net.layers] == [40, 40, 1]
+
+
+def test_loss_mlp_optional_normal_init() -> None:
+    net = LossMLP(3, (40, 40), torch.nn.ReLU, init_std=0.01)
+    assert all(layer.bias.abs().max() == 0 for layer in net.layers)
+    assert 0.005 < net.layers[1].weight.std() < 0.015
