@@ -1,0 +1,82 @@
+"""Cost of one NPBML meta-iteration relative to one learn2learn MAML meta-iteration, and the share of
+a meta-iteration spent sampling episodes (Omniglot 5-way 1-shot, 4-CONV, same inner steps and meta-batch).
+
+Times are process CPU seconds (`time.process_time`, with one torch thread by default), so the figures
+hold on a machine shared with other jobs; the variants run round-robin and the median is reported.
+
+    .venv/bin/python bench/bench_npbml.py --data-root ../shared/data --repeats 5 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from engine.config import build_config
+from npbml.config import EpisodicConfig
+from npbml.learners import build_learner
+from tasks.episodes import EpisodeSampler, load_splits
+
+VARIANTS = {  # name -> (method, components); the same backbone, inner steps and meta-batch for all
+    "maml (learn2learn)": ("maml", {}),
+    "npbml init+warp": ("npbml", {"learned_loss": False, "film": False}),
+    "npbml init+loss": ("npbml", {"warp": False, "film": False}),
+    "npbml full": ("npbml", {}),
+}
+
+
+def meta_iteration(learner: torch.nn.Module, sampler: EpisodeSampler, config: EpisodicConfig,
+                   optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """(CPU seconds sampling, CPU seconds in total) for one meta-iteration."""
+    start = time.process_time()
+    episodes = [sampler.sample() for _ in range(config.outer.meta_batch)]
+    sampled = time.process_time()
+    optimizer.zero_grad()
+    for episode in episodes:
+        loss, _ = learner(episode, config.inner.steps, train=True)
+        (loss / config.outer.meta_batch).backward()
+    optimizer.step()
+    return sampled - start, time.process_time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--meta-batch", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sampler = EpisodeSampler(load_splits("omniglot", args.data_root)["train"], ways=5, shots=1, query=15)
+    setups = {}
+    for name, (method, components) in VARIANTS.items():
+        inner = {"steps": args.steps, "lr": 0.4} if method == "maml" else \
+            {"steps": args.steps, "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
+        config = build_config(EpisodicConfig, {"method": method, "components": components, "inner": inner,
+                                               "outer": {"meta_batch": args.meta_batch}})
+        torch.manual_seed(0)
+        learner = build_learner(config, (1, 28, 28))
+        optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
+        meta_iteration(learner, sampler, config, optimizer)  # warm-up
+        setups[name] = (learner, config, optimizer)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in setups}
+    for _ in range(args.repeats):
+        for name, (learner, config, optimizer) in setups.items():
+            runs[name].append(meta_iteration(learner, sampler, config, optimizer))
+    timings = {name: (statistics.median(s for s, _ in r), statistics.median(t for _, t in r))
+               for name, r in runs.items()}
+    base = timings["maml (learn2learn)"][1]
+    print(f"| variant | CPU s / meta-iteration | ratio to MAML | sampling share |  (threads={args.threads}, "
+          f"steps={args.steps}, meta-batch={args.meta_batch}, median of {args.repeats})")
+    print("|---|---|---|---|")
+    for name, (sample, total) in timings.items():
+        print(f"| {name} | {total:.3f} | {total / base:.2f} | {100 * sample / total:.2f}% |")
+
+
+if __name__ == "__main__":
+    main()

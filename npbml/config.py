@@ -1,0 +1,130 @@
+"""The episodic meta-training config: one schema for MAML, Meta-SGD and NPBML (with its ablations)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from engine.errors import ConfigError
+
+METHODS = ("maml", "metasgd", "npbml")
+Method = Literal["maml", "metasgd", "npbml"]
+
+
+@dataclass
+class DataConfig:
+    """Episodes: `ways`-way `shots`-shot tasks with `query` query examples per class."""
+
+    dataset: Literal["omniglot", "mini_imagenet"] = "omniglot"
+    root: str | None = None
+    ways: int = 5
+    shots: int = 1
+    query: int = 15
+    train_tasks: int = -1  # distinct meta-training tasks; -1 samples a fresh task every time
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["conv4", "resnet12"] = "conv4"
+    filters: int = 64  # conv4: every block; resnet12: the first block (x2.5, x5, x10 after)
+
+
+@dataclass
+class InnerConfig:
+    """The inner (adaptation) loop: SGD with optional momentum / Nesterov / weight decay for NPBML."""
+
+    steps: int = 5
+    eval_steps: int | None = None  # steps at meta-validation/test; null: same as `steps`
+    lr: float = 0.01
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    first_order: bool = False
+    transductive_shots: int = 1  # query examples per class the transductive term L_Q sees each inner step
+
+
+@dataclass
+class OuterConfig:
+    """The outer loop: Adam, cosine annealing over `iterations`, gradient-norm clipping."""
+
+    lr: float = 0.001
+    meta_batch: int = 4
+    iterations: int = 30000
+    grad_clip: float | None = 10.0
+    cosine: bool = True
+    min_lr: float = 0.0
+
+
+@dataclass
+class ComponentsConfig:
+    """NPBML's meta-learned components, each switchable for ablations (ignored by maml / metasgd)."""
+
+    learn_init: bool = True  # meta-learned initialisation (MAML)
+    warp: bool = True  # warp (preconditioning) layers: the meta-learned optimizer
+    learned_inner_lr: bool = False  # per-parameter inner learning rates (Meta-SGD) on top
+    learned_loss: bool = True  # task-adaptive loss CE + L_S + L_Q + R
+    film: bool = True  # FiLM in the adapted backbone blocks and the loss networks
+
+
+@dataclass
+class EvalConfig:
+    every: int = 500  # meta-validate every this many meta-iterations
+    val_tasks: int = 100
+    test_tasks: int = 600
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # TensorBoard scalars every this many meta-iterations
+    checkpoint_every: int = 100
+    progress: bool = True
+
+
+@dataclass
+class EpisodicConfig:
+    method: Method
+    name: str | None = None
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = None  # torch CPU threads; null: torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    components: ComponentsConfig = field(default_factory=ComponentsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        positive = {
+            "data.ways": self.data.ways, "data.shots": self.data.shots, "data.query": self.data.query,
+            "inner.steps": self.inner.steps, "outer.meta_batch": self.outer.meta_batch,
+            "outer.iterations": self.outer.iterations, "eval.every": self.eval.every,
+            "eval.val_tasks": self.eval.val_tasks, "eval.test_tasks": self.eval.test_tasks,
+            "log.every": self.log.every, "log.checkpoint_every": self.log.checkpoint_every,
+            "model.filters": self.model.filters, "inner.transductive_shots": self.inner.transductive_shots,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key} = {value} must be at least 1")
+        if self.data.ways < 2:
+            raise ConfigError(f"data.ways = {self.data.ways} must be at least 2")
+        if self.inner.eval_steps is not None and self.inner.eval_steps < 1:
+            raise ConfigError(f"inner.eval_steps = {self.inner.eval_steps} must be at least 1 (or null)")
+        if self.method != "npbml" and (self.inner.momentum or self.inner.nesterov or self.inner.weight_decay):
+            raise ConfigError(
+                f"method {self.method} adapts with learn2learn's plain SGD: set inner.momentum=0, "
+                "inner.nesterov=false and inner.weight_decay=0 (they are NPBML inner-loop options)"
+            )
+        if self.inner.transductive_shots > self.data.query:
+            raise ConfigError(
+                f"inner.transductive_shots = {self.inner.transductive_shots} exceeds data.query = {self.data.query}"
+            )
+        if self.inner.nesterov and not self.inner.momentum:
+            raise ConfigError("inner.nesterov = true needs inner.momentum > 0")
+        if self.outer.lr <= 0 or self.inner.lr <= 0:
+            raise ConfigError("inner.lr and outer.lr must be positive")
+
+    @property
+    def eval_steps(self) -> int:
+        return self.inner.eval_steps or self.inner.steps

@@ -1,0 +1,200 @@
+"""Episodic meta-training: outer loop over learn2learn tasksets for MAML, Meta-SGD and NPBML.
+
+One meta-iteration: seed Python's `random` from (seed, iteration) so the tasks replay on resume,
+sample `meta_batch` episodes, adapt on each support set, average the query losses, clip the
+meta-gradient and take an Adam step (cosine-annealed learning rate). Every `eval.every`
+iterations the model is scored on fixed meta-validation tasks and the best one kept; at the end
+the best model is meta-tested on `eval.test_tasks` fixed tasks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.device import resolve_device
+from engine.errors import NonFiniteError
+from engine.rng import rng_state, seed_everything, set_rng_state
+from engine.run_dir import RunDir, write_results
+from npbml.config import EpisodicConfig
+from npbml.learners import build_learner
+from tasks.episodes import Episode, EpisodeSampler, load_splits, python_random
+
+VALIDATION_STREAM, TEST_STREAM = 1, 2
+
+
+def mean_ci95(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and 95% confidence half-width 1.96 * std / sqrt(n) (population std, as few-shot papers use)."""
+    x = torch.tensor(list(values), dtype=torch.float64)
+    return float(x.mean()), float(1.96 * x.std(unbiased=False) / math.sqrt(len(x)))
+
+
+def evaluate(learner: nn.Module, episodes: Iterable[Episode], steps: int, device: torch.device) -> list[float]:
+    """Query accuracy after adaptation (no meta-gradient graph) on each episode."""
+    learner.eval()
+    accuracies = []
+    for episode in episodes:
+        _, accuracy = learner(episode.to(device), steps, train=False)
+        accuracies.append(float(accuracy))
+    learner.train()
+    return accuracies
+
+
+def _samplers(config: EpisodicConfig, data_root: Path) -> dict[str, EpisodeSampler]:
+    d = config.data
+    return {split: EpisodeSampler(data, d.ways, d.shots, d.query, d.train_tasks if split == "train" else -1)
+            for split, data in load_splits(d.dataset, data_root).items()}
+
+
+def _optimizer(config: EpisodicConfig, learner: nn.Module):
+    params = [p for p in learner.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.outer.lr)
+    total = config.outer.iterations if config.outer.cosine else 10**12
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=config.outer.min_lr)
+    return params, optimizer, scheduler
+
+
+def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = False) -> dict[str, Any]:
+    """Meta-train, keep the best model on meta-validation, meta-test it; returns results.json's content."""
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    samplers = _samplers(config, data_root)
+    in_shape = tuple(samplers["train"].taskset.dataset[0][0].shape)
+    seed_everything(config.seed)
+    learner = build_learner(config, in_shape).to(device)
+    params, optimizer, scheduler = _optimizer(config, learner)
+    state = {"iteration": 0, "best_val": -1.0, "best_iteration": 0, "wall_time": 0.0}
+    if resume and run.checkpoint.is_file():
+        checkpoint = load_checkpoint(run.checkpoint)
+        learner.load_state_dict(checkpoint["learner"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        state = checkpoint["state"]
+        set_rng_state(checkpoint["rng"])
+
+    def save() -> None:
+        save_checkpoint(run.checkpoint, {
+            "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "state": dict(state), "rng": rng_state(),
+        })
+
+    def fixed_episodes(split: str, count: int) -> Iterable[Episode]:
+        """The same `count` tasks of `split` at every call (meta-validation, meta-test)."""
+        stream = VALIDATION_STREAM if split == "validation" else TEST_STREAM
+        return samplers[split].fixed(count, seed=config.seed * 10 + stream)
+
+    writer = SummaryWriter(run.events, purge_step=state["iteration"] + 1)
+    total = config.outer.iterations
+    bar = tqdm(total=total, initial=state["iteration"], disable=not config.log.progress, desc=config.method,
+               dynamic_ncols=True)
+    started = time.time() - state["wall_time"]
+    sample_time = step_time = 0.0
+    postfix: dict[str, str] = {}
+    try:
+        while state["iteration"] < total:
+            iteration = state["iteration"] + 1
+            tick = time.time()
+            with python_random(config.seed * 1_000_003 + iteration):
+                episodes = [samplers["train"].sample() for _ in range(config.outer.meta_batch)]
+            sample_time += time.time() - tick
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = acc_sum = 0.0
+            for episode in episodes:
+                loss, accuracy = learner(episode.to(device), config.inner.steps, train=True)
+                (loss / config.outer.meta_batch).backward()
+                loss_sum += loss.item()
+                acc_sum += accuracy.item()
+            norm = torch.nn.utils.clip_grad_norm_(params, config.outer.grad_clip or float("inf"))
+            if not (math.isfinite(loss_sum) and torch.isfinite(norm)):
+                raise NonFiniteError(
+                    f"meta-iteration {iteration}: the meta-loss or its gradient is not finite "
+                    f"(loss {loss_sum / config.outer.meta_batch:.4g}, gradient norm {float(norm):.4g}); "
+                    "lower outer.lr or inner.lr (or set outer.grad_clip). The last good checkpoint is kept in "
+                    f"{run.path}"
+                )
+            optimizer.step()
+            scheduler.step()
+            step_time += time.time() - tick
+            state["iteration"] = iteration
+            mean_loss, mean_acc = loss_sum / config.outer.meta_batch, acc_sum / config.outer.meta_batch
+            if iteration % config.log.every == 0 or iteration == total:
+                _log_train(writer, learner, iteration, mean_loss, mean_acc, float(norm),
+                           scheduler.get_last_lr()[0], sample_time / max(step_time, 1e-9))
+            if iteration % config.eval.every == 0 or iteration == total:
+                val_acc, _ = mean_ci95(evaluate(learner, fixed_episodes("validation", config.eval.val_tasks),
+                                                config.eval_steps, device))
+                writer.add_scalar("meta_val/accuracy", val_acc, iteration)
+                _log_loss_shape(writer, learner, iteration)
+                if val_acc > state["best_val"]:
+                    state.update(best_val=val_acc, best_iteration=iteration)
+                    save_checkpoint(run.best_checkpoint, {"learner": learner.state_dict(), "iteration": iteration})
+                postfix["val"] = f"{val_acc:.3f}"
+            state["wall_time"] = time.time() - started
+            if iteration % config.log.checkpoint_every == 0 or iteration == total:
+                save()
+            postfix.update(loss=f"{mean_loss:.3f}", acc=f"{mean_acc:.3f}")
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+        writer.flush()
+    learner.load_state_dict(load_checkpoint(run.best_checkpoint)["learner"])
+    test_acc, test_ci = mean_ci95(evaluate(learner, fixed_episodes("test", config.eval.test_tasks),
+                                           config.eval_steps, device))
+    writer.add_scalar("meta_test/accuracy", test_acc, state["iteration"])
+    writer.close()
+    results = {
+        "method": config.method, "test_accuracy": test_acc, "test_ci95": test_ci,
+        "test_tasks": config.eval.test_tasks, "iterations": state["iteration"],
+        "best_val_accuracy": state["best_val"], "best_iteration": state["best_iteration"],
+        "wall_time_s": state["wall_time"], "seed": config.seed,
+    }
+    write_results(run, results)
+    print(f"{config.method}: meta-test accuracy {100 * test_acc:.2f} +- {100 * test_ci:.2f}% "
+          f"({config.eval.test_tasks} tasks); results in {run.results}")
+    return results
+
+
+def _log_train(writer: SummaryWriter, learner: nn.Module, iteration: int, loss: float, accuracy: float,
+               grad_norm: float, lr: float, sampling_share: float) -> None:
+    writer.add_scalar("meta_train/loss", loss, iteration)
+    writer.add_scalar("meta_train/accuracy", accuracy, iteration)
+    writer.add_scalar("meta_train/grad_norm", grad_norm, iteration)
+    writer.add_scalar("meta_train/outer_lr", lr, iteration)
+    writer.add_scalar("time/sampling_share", sampling_share, iteration)
+    inner_lrs = learner.inner_lrs()
+    if inner_lrs is not None:
+        writer.add_scalar("inner_lr/mean", float(inner_lrs.mean()), iteration)
+        writer.add_histogram("inner_lr/values", inner_lrs, iteration)
+
+
+def _log_loss_shape(writer: SummaryWriter, learner: nn.Module, iteration: int) -> None:
+    """CE + L_S against the true-class logit margin, as a figure, when the loss is learned."""
+    loss = getattr(learner, "loss", None)
+    if loss is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    margins = torch.linspace(-6.0, 6.0, 61)
+    figure, axis = plt.subplots(figsize=(4, 3))
+    axis.plot(margins, loss.support_curve(margins), label="CE + L_S (learned)")
+    axis.plot(margins, torch.nn.functional.cross_entropy(
+        torch.stack([margins] + [torch.zeros_like(margins)] * (loss.ways - 1), 1),
+        torch.zeros(len(margins), dtype=torch.long), reduction="none"), "--", label="CE")
+    axis.set_xlabel("true-class logit (others 0)")
+    axis.legend()
+    figure.tight_layout()
+    writer.add_figure("learned_loss/support_shape", figure, iteration)

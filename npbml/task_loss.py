@@ -1,0 +1,110 @@
+"""NPBML's task-adaptive learned loss M = CE(support) + L_S + L_Q + R, each term its own loss network.
+
+- L_S (inductive), per support example: [logits (N), one-hot label (N), CE (1)].
+- L_Q (transductive), per query example: [logits (N), similarity to each class (N), CE against the
+  pseudo-label argmax (1)]. The similarity is a parameter-free substitute for the paper's
+  pre-trained relation network: softmax over classes of the negative squared distance from the
+  query's logits to each class prototype (the mean support logits of that class).
+- R (regulariser), per adapted parameter tensor: [mean, std, L1 norm / numel, L2 norm / sqrt(numel)]
+  (the norms scaled by the tensor size, so tensors of any size give inputs of the same scale).
+
+Each network is AdaLFL's `LossMLP` (hidden 40, 40, ReLU; smooth leaky ReLU output, weights
+N(0, 0.01)) with FiLM on every layer, conditioned on the mean of that layer's input rows (the task).
+Each term is shifted by the output activation's value at zero, so with near-zero weights every
+term is ~0 and M starts as cross-entropy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adalfl.loss_network import LossMLP, SmoothLeakyReLU
+from npbml.film import FiLM
+
+
+class FiLMLossMLP(LossMLP):
+    """`LossMLP` with optional FiLM after every linear layer and an output centred at zero."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int] = (40, 40), film: bool = True,
+                 init_std: float = 0.01, beta: float = 5.0, gamma: float = 0.25) -> None:
+        super().__init__(in_features, hidden, nn.ReLU, SmoothLeakyReLU(beta, gamma), init_std=init_std)
+        self.films = nn.ModuleList(FiLM(layer.in_features, layer.out_features) for layer in self.layers) \
+            if film else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activations = [*self.activations, self.output_activation]
+        for index, (layer, activation) in enumerate(zip(self.layers, activations, strict=True)):
+            z = layer(x)
+            if self.films is not None:
+                z = self.films[index](z, x.mean(dim=0))
+            x = activation(z)
+        return (x - self.output_activation(x.new_zeros(()))).squeeze(-1)
+
+
+def prototype_similarity(support_logits: torch.Tensor, support_y: torch.Tensor,
+                         query_logits: torch.Tensor, ways: int) -> torch.Tensor:
+    """softmax over classes of -||query - prototype||^2, prototypes the per-class mean support logits."""
+    one_hot = F.one_hot(support_y, ways).to(support_logits.dtype)
+    prototypes = one_hot.t() @ support_logits / one_hot.sum(0).clamp_min(1.0)[:, None]
+    return (-(query_logits[:, None] - prototypes[None]).pow(2).sum(-1)).softmax(dim=-1)
+
+
+def parameter_statistics(params: Sequence[torch.Tensor], eps: float = 1e-12) -> torch.Tensor:
+    """[len(params), 4]: mean, std, L1 norm / numel, L2 norm / sqrt(numel) of each tensor.
+
+    The square roots get `eps` inside so that all-zero tensors (BN biases at init) have finite gradients.
+    """
+    rows = []
+    for p in params:
+        flat = p.reshape(-1)
+        mean = flat.mean()
+        std = ((flat - mean).pow(2).mean() + eps).sqrt()
+        rows.append(torch.stack((mean, std, flat.abs().mean(), (flat.pow(2).mean() + eps).sqrt())))
+    return torch.stack(rows)
+
+
+class TaskAdaptiveLoss(nn.Module):
+    """M(support, query, params) = CE(support) + L_S + L_Q + R."""
+
+    def __init__(self, ways: int, film: bool = True, hidden: Sequence[int] = (40, 40)) -> None:
+        super().__init__()
+        self.ways = ways
+        self.support_net = FiLMLossMLP(2 * ways + 1, hidden, film)
+        self.query_net = FiLMLossMLP(2 * ways + 1, hidden, film)
+        self.regulariser_net = FiLMLossMLP(4, hidden, film)
+
+    def terms(self, support_logits: torch.Tensor, support_y: torch.Tensor, query_logits: torch.Tensor,
+              params: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The four terms of M, each a scalar."""
+        ce = F.cross_entropy(support_logits, support_y, reduction="none")
+        one_hot = F.one_hot(support_y, self.ways).to(support_logits.dtype)
+        support_in = torch.cat((support_logits, one_hot, ce[:, None]), dim=1)
+        similarity = prototype_similarity(support_logits, support_y, query_logits, self.ways)
+        pseudo_ce = F.cross_entropy(query_logits, query_logits.argmax(dim=1), reduction="none")
+        query_in = torch.cat((query_logits, similarity, pseudo_ce[:, None]), dim=1)
+        return {
+            "ce": ce.mean(),
+            "support": self.support_net(support_in).mean(),
+            "query": self.query_net(query_in).mean(),
+            "regulariser": self.regulariser_net(parameter_statistics(params)).mean(),
+        }
+
+    def forward(self, support_logits: torch.Tensor, support_y: torch.Tensor, query_logits: torch.Tensor,
+                params: Sequence[torch.Tensor]) -> torch.Tensor:
+        return sum(self.terms(support_logits, support_y, query_logits, params).values())
+
+    @torch.no_grad()
+    def support_curve(self, margins: torch.Tensor) -> torch.Tensor:
+        """CE + L_S on one support example of class 0 whose logits are [m, 0, ..., 0], for each margin m:
+        the learned inductive loss's shape (for TensorBoard)."""
+        device = self.support_net.layers[0].weight.device
+        logits = torch.zeros(len(margins), self.ways, device=device)
+        logits[:, 0] = margins.to(device)
+        y = torch.zeros(len(margins), dtype=torch.long, device=device)
+        ce = F.cross_entropy(logits, y, reduction="none")
+        inputs = torch.cat((logits, F.one_hot(y, self.ways).float(), ce[:, None]), dim=1)
+        return (ce + torch.stack([self.support_net(row[None]) for row in inputs]).reshape(-1)).cpu()

@@ -1,0 +1,128 @@
+"""N-way K-shot episodes with learn2learn: `MetaDataset` + `Taskset` over an in-memory image tensor.
+
+A task holds `ways * (shots + query)` examples (learn2learn's `KShots(k=shots + query)`), labels
+remapped to 0..ways-1; `split_episode` cuts it into support and query sets per class. learn2learn
+samples with Python's `random`, so seeding `random` (see `python_random`) replays the same tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+
+def import_learn2learn():
+    """`import learn2learn`, without the gym deprecation notice it prints on first import."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        import learn2learn
+    return learn2learn
+
+
+class ImageClasses(Dataset):
+    """uint8 images [n, C, H, W] with integer labels; items are float images in [0, 1]."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index].float().div_(255.0), self.labels[index]
+
+
+@dataclass(frozen=True)
+class Episode:
+    """Support and query sets of one task, labels 0..ways-1."""
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+    def to(self, device: torch.device) -> Episode:
+        return Episode(*(t.to(device, non_blocking=True) for t in
+                         (self.support_x, self.support_y, self.query_x, self.query_y)))
+
+
+def build_taskset(dataset: ImageClasses, ways: int, shots: int, query: int, num_tasks: int = -1):
+    """A learn2learn `Taskset` of `ways`-way tasks with `shots + query` examples per class."""
+    l2l = import_learn2learn()
+    labels_to_indices: dict[int, list[int]] = {}
+    for index, label in enumerate(dataset.labels):
+        labels_to_indices.setdefault(label, []).append(index)
+    meta = l2l.data.MetaDataset(dataset, labels_to_indices=labels_to_indices,
+                                indices_to_labels=dict(enumerate(dataset.labels)))
+    transforms = [
+        l2l.data.transforms.NWays(meta, n=ways),
+        l2l.data.transforms.KShots(meta, k=shots + query),
+        l2l.data.transforms.LoadData(meta),
+        l2l.data.transforms.RemapLabels(meta),
+        l2l.data.transforms.ConsecutiveLabels(meta),
+    ]
+    return l2l.data.Taskset(meta, task_transforms=transforms, num_tasks=num_tasks)
+
+
+def split_episode(x: torch.Tensor, y: torch.Tensor, ways: int, shots: int) -> Episode:
+    """The first `shots` examples of each class are the support set, the rest the query set."""
+    order = torch.argsort(y, stable=True)
+    x, y = x[order], y[order]
+    per_class = len(y) // ways
+    x = x.reshape(ways, per_class, *x.shape[1:])
+    y = y.reshape(ways, per_class)
+    return Episode(
+        x[:, :shots].reshape(-1, *x.shape[2:]), y[:, :shots].reshape(-1),
+        x[:, shots:].reshape(-1, *x.shape[2:]), y[:, shots:].reshape(-1),
+    )
+
+
+class EpisodeSampler:
+    """Draws episodes from a taskset; `ways` and `shots` say how to split them."""
+
+    def __init__(self, dataset: ImageClasses, ways: int, shots: int, query: int, num_tasks: int = -1) -> None:
+        self.ways, self.shots = ways, shots
+        self.taskset = build_taskset(dataset, ways, shots, query, num_tasks)
+
+    def sample(self) -> Episode:
+        x, y = self.taskset.sample()
+        return split_episode(x, y, self.ways, self.shots)
+
+    def fixed(self, count: int, seed: int) -> Iterator[Episode]:
+        """`count` episodes that are the same on every call with the same seed."""
+        for index in range(count):
+            with python_random(seed * 1_000_003 + index):
+                episode = self.sample()
+            yield episode
+
+
+@contextlib.contextmanager
+def python_random(seed: int) -> Iterator[None]:
+    """Seed Python's `random` (learn2learn's sampler) inside the block; restore its state after."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+SPLITS = ("train", "validation", "test")
+
+
+def load_splits(dataset: str, root: Path) -> dict[str, ImageClasses]:
+    """The meta-train / meta-validation / meta-test class sets of `dataset` ('omniglot' or 'mini_imagenet')."""
+    if dataset == "omniglot":
+        from tasks.omniglot import load_omniglot, omniglot_split
+
+        data = load_omniglot(root)
+        return {split: ImageClasses(*omniglot_split(data, split)) for split in SPLITS}
+    from tasks.mini_imagenet import load_mini_imagenet
+
+    return {split: ImageClasses(*load_mini_imagenet(root, split)) for split in SPLITS}

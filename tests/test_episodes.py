@@ -1,0 +1,106 @@
+"""Episodes: learn2learn tasksets over in-memory Omniglot and mini-ImageNet pickles."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import DataError
+from tasks.episodes import EpisodeSampler, ImageClasses, load_splits, python_random, split_episode
+from tasks.mini_imagenet import load_mini_imagenet, pickle_path
+from tasks.omniglot import ROTATIONS, SPLIT_SIZES, split_characters
+
+
+@pytest.fixture(scope="session")
+def omniglot(shared_data: Path) -> dict[str, ImageClasses]:
+    return load_splits("omniglot", shared_data)
+
+
+def write_mini_imagenet(root: Path, classes: dict[str, int], per_class: int = 20, seed: int = 0) -> None:
+    """Small pickles in the official `mini-imagenet-cache-{split}.pkl` format."""
+    rng = np.random.default_rng(seed)
+    for split, count in classes.items():
+        images = rng.integers(0, 256, size=(count * per_class, 84, 84, 3), dtype=np.uint8)
+        order = rng.permutation(count * per_class)
+        class_dict = {f"n{split[:2]}{c:05d}": order[c * per_class:(c + 1) * per_class].tolist()
+                      for c in range(count)}
+        path = pickle_path(root, split)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            pickle.dump({"image_data": images, "class_dict": class_dict}, f)
+
+
+def check_episode(sampler: EpisodeSampler, ways: int, shots: int, query: int) -> None:
+    x, y = sampler.taskset.sample()
+    assert x.shape[0] == ways * (shots + query) and y.shape == (ways * (shots + query),)
+    assert sorted(set(y.tolist())) == list(range(ways))
+    assert torch.bincount(y).tolist() == [shots + query] * ways
+    episode = split_episode(x, y, ways, shots)
+    assert episode.support_y.tolist() == [c for c in range(ways) for _ in range(shots)]
+    assert episode.query_y.tolist() == [c for c in range(ways) for _ in range(query)]
+
+
+def test_omniglot_split_is_disjoint_and_complete() -> None:
+    split = split_characters()
+    assert {k: len(v) for k, v in split.items()} == SPLIT_SIZES
+    assert len(set().union(*map(set, split.values()))) == 1623
+
+
+def test_omniglot_episodes(omniglot: dict[str, ImageClasses]) -> None:
+    assert len(omniglot["train"]) == 1100 * ROTATIONS * 20
+    x, label = omniglot["train"][0]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and 0.0 <= float(x.min()) <= float(x.max()) <= 1.0
+    sampler = EpisodeSampler(omniglot["train"], ways=5, shots=1, query=3)
+    check_episode(sampler, 5, 1, 3)
+    episode = sampler.sample()
+    assert episode.support_x.shape == (5, 1, 28, 28) and episode.query_x.shape == (15, 1, 28, 28)
+
+
+def test_no_test_class_in_meta_training(omniglot: dict[str, ImageClasses]) -> None:
+    train = {label // ROTATIONS for label in omniglot["train"].labels}
+    test = {label // ROTATIONS for label in omniglot["test"].labels}
+    validation = {label // ROTATIONS for label in omniglot["validation"].labels}
+    assert not train & test and not train & validation and not validation & test
+    sampler = EpisodeSampler(omniglot["train"], ways=5, shots=1, query=1)
+    seen = set()
+    for _ in range(200):
+        description = sampler.taskset.sample_task_description()
+        seen |= {omniglot["train"].labels[d.index] // ROTATIONS for d in description}
+    assert seen <= train and not seen & test
+
+
+def test_episode_sampling_replays_under_a_seed(omniglot: dict[str, ImageClasses]) -> None:
+    sampler = EpisodeSampler(omniglot["validation"], ways=5, shots=1, query=2)
+    first = [e.support_x for e in sampler.fixed(3, seed=7)]
+    with python_random(123):
+        sampler.sample()
+    second = [e.support_x for e in sampler.fixed(3, seed=7)]
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_mini_imagenet_pickles(tmp_path: Path) -> None:
+    write_mini_imagenet(tmp_path, {"train": 8, "validation": 6, "test": 6}, per_class=10)
+    images, labels = load_mini_imagenet(tmp_path, "train")
+    assert images.shape == (80, 3, 84, 84) and images.dtype == torch.uint8
+    assert torch.bincount(labels).tolist() == [10] * 8
+    splits = load_splits("mini_imagenet", tmp_path)
+    check_episode(EpisodeSampler(splits["test"], ways=5, shots=2, query=3), 5, 2, 3)
+
+
+def test_mini_imagenet_missing_and_corrupt(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="mini-imagenet-cache-train.pkl"):
+        load_mini_imagenet(tmp_path, "train")
+    path = pickle_path(tmp_path, "train")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="not a mini-ImageNet"):
+        load_mini_imagenet(tmp_path, "train")
+
+
+def test_missing_omniglot_is_a_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="Omniglot not found"):
+        load_splits("omniglot", tmp_path)

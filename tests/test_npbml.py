@@ -1,0 +1,119 @@
+"""NPBML's parts: the task-adaptive loss, the meta-gradient's reach, the fixed warp layers, the CI."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.config import build_config
+from engine.errors import ConfigError
+from npbml.backbones import adapted_names, build_backbone
+from npbml.config import EpisodicConfig
+from npbml.learners import NPBML, build_learner
+from npbml.meta_trainer import mean_ci95
+from npbml.task_loss import TaskAdaptiveLoss
+from tasks.episodes import Episode
+
+WAYS, SHOTS, QUERY = 5, 1, 3
+
+
+def config(**components: bool) -> EpisodicConfig:
+    return build_config(EpisodicConfig, {
+        "method": "npbml", "model": {"filters": 8}, "data": {"query": QUERY},
+        "inner": {"steps": 2, "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+        "components": components,
+    })
+
+
+def episode(seed: int = 0) -> Episode:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(WAYS)
+    return Episode(torch.rand(WAYS * SHOTS, 1, 28, 28, generator=g), y.repeat_interleave(SHOTS),
+                   torch.rand(WAYS * QUERY, 1, 28, 28, generator=g), y.repeat_interleave(QUERY))
+
+
+def test_task_adaptive_loss_starts_as_cross_entropy() -> None:
+    torch.manual_seed(0)
+    loss = TaskAdaptiveLoss(WAYS)
+    logits, y = 3 * torch.randn(10, WAYS), torch.arange(10) % WAYS
+    params = [torch.randn(8, 4, 3, 3), torch.zeros(8), torch.ones(8)]
+    value = loss(logits, y, 3 * torch.randn(15, WAYS), params)
+    assert value.item() == pytest.approx(F.cross_entropy(logits, y).item(), abs=1e-3)
+
+
+def test_meta_gradient_reaches_every_meta_learned_parameter() -> None:
+    torch.manual_seed(0)
+    learner = build_learner(config(learned_inner_lr=True), (1, 28, 28))
+    loss, _ = learner(episode(), steps=2, train=True)
+    loss.backward()
+    groups = {"init": 0, "warps": 0, "film": 0, "loss": 0, "lrs": 0}
+    for name, p in learner.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"no meta-gradient reaches {name}"
+        group = next((g for g in ("warps", "film", "loss", "lrs") if g in name.split(".")), "init")
+        groups[group] += 1
+    assert all(groups.values()), groups
+
+
+def test_warp_and_film_are_fixed_in_the_inner_loop() -> None:
+    torch.manual_seed(0)
+    learner = build_learner(config(), (1, 28, 28))
+    assert isinstance(learner, NPBML)
+    names = adapted_names(learner.backbone)
+    assert names and not [n for n in names if "warp" in n or "film" in n]
+    before = {n: p.detach().clone() for n, p in learner.backbone.named_parameters()}
+    adapted = learner.adapt(episode(), steps=2, create_graph=True)
+    assert set(adapted) == set(names)
+    for name, p in learner.backbone.named_parameters():
+        assert torch.equal(p, before[name]), name
+        if name in adapted:
+            assert not torch.equal(adapted[name], p), f"{name} was not adapted"
+
+
+def test_warp_layers_start_as_identity() -> None:
+    torch.manual_seed(0)
+    with_warp = build_backbone("conv4", (1, 28, 28), WAYS, 8, warp=True, film=True)
+    plain = build_backbone("conv4", (1, 28, 28), WAYS, 8)
+    plain.load_state_dict({k: v for k, v in with_warp.state_dict().items() if k in plain.state_dict()})
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.allclose(with_warp(x), plain(x), atol=1e-5)
+
+
+def test_ablation_without_learned_init_freezes_the_initialisation() -> None:
+    learner = build_learner(config(learn_init=False, learned_loss=False, film=False), (1, 28, 28))
+    loss, _ = learner(episode(), steps=2, train=True)
+    loss.backward()
+    trainable = [n for n, p in learner.named_parameters() if p.requires_grad]
+    assert trainable and all("warp" in n for n in trainable)
+
+
+def test_meta_test_adaptation_builds_no_graph() -> None:
+    learner = build_learner(config(), (1, 28, 28))
+    loss, accuracy = learner(episode(), steps=2, train=False)
+    assert not loss.requires_grad and 0.0 <= accuracy.item() <= 1.0
+
+
+def test_resnet12_runs() -> None:
+    model = build_backbone("resnet12", (3, 32, 32), WAYS, 4, warp=True, film=True)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, WAYS)
+
+
+def test_ci95() -> None:
+    values = [0.5, 0.7, 0.6, 0.8]
+    mean, ci = mean_ci95(values)
+    std = math.sqrt(sum((v - 0.65) ** 2 for v in values) / 4)
+    assert mean == pytest.approx(0.65) and ci == pytest.approx(1.96 * std / 2)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"method": "npbml", "model": {"backbone": "resnet18"}}, "choose one of: conv4, resnet12"),
+    ({"method": "maml", "inner": {"momentum": 0.9}}, "plain SGD"),
+    ({"method": "npbml", "data": {"ways": 1}}, "data.ways"),
+    ({"method": "npbml", "components": {"warps": True}}, "did you mean 'components.warp'"),
+])
+def test_bad_config(override: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(EpisodicConfig, override)
