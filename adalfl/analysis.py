@@ -1,4 +1,6 @@
-"""Readouts of the learned loss: its shape l(y, p) over predictions, as numbers and as a figure."""
+"""Readouts of the learned loss: its shape l(y, p) over predictions, as numbers and as a figure; the
+gradient-norm ratio to the task loss (the implicit learning-rate schedule) and argmin_p l(1, p) (adaptive
+label smoothing)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from torch import nn  # noqa: E402
 
 from adalfl.loss_network import OutputWiseLoss  # noqa: E402
+from adalfl.online_step import Batch, LossFn, batch_statistics_only  # noqa: E402
 
 TARGET_VALUES = (1.0, 0.0)
 
@@ -31,6 +35,31 @@ def loss_shape(loss: OutputWiseLoss, points: int = 101) -> dict[str, list[float]
         for y in TARGET_VALUES:
             shape[f"y={y:g}"] = loss.pointwise(torch.full_like(grid, y), grid).tolist()
     return shape
+
+
+def argmin_prediction(shape: dict[str, list[float]], target: str = "y=1") -> float:
+    """The prediction on the shape's grid where l(target, p) is smallest: below 1 for y = 1 means the loss
+    asks for less than full confidence, i.e. it smooths the labels."""
+    values = torch.tensor(shape[target])
+    return shape["prediction"][int(values.argmin())]
+
+
+def gradient_norm_ratio(model: nn.Module, loss: LossFn, reference: LossFn, batch: Batch) -> float:
+    """||grad_theta loss|| / ||grad_theta reference|| on `batch` at the model's current parameters.
+
+    One extra forward and two backward passes; the model's .grad, batch-norm running statistics and the
+    global random state (dropout) are left as they were, so a run with readouts trains exactly as one without.
+    """
+    inputs, targets = batch
+    params = [p for p in model.parameters() if p.requires_grad]
+    devices = [torch.cuda.current_device()] if inputs.is_cuda else []
+    with torch.random.fork_rng(devices=devices), batch_statistics_only(model):
+        outputs = model(inputs)
+    norms = []
+    for fn in (loss, reference):
+        grads = torch.autograd.grad(fn(outputs, targets), params, retain_graph=True)
+        norms.append(torch.sqrt(sum(g.pow(2).sum() for g in grads)).item())
+    return norms[0] / norms[1] if norms[1] > 0 else float("nan")
 
 
 def loss_shape_figure(shape: dict[str, list[float]], title: str) -> Figure:

@@ -10,8 +10,9 @@ from typing import Literal, get_args
 
 from engine.errors import ConfigError
 
-Method = Literal["ce", "mse", "ml3", "adalfl"]
-"""ce / mse: handcrafted loss; ml3: loss learned offline (phase 1) then frozen; adalfl: phase 1 + online."""
+Method = Literal["ce", "mse", "label_smoothing", "taylorglo", "ml3", "adalfl"]
+"""ce / mse / label_smoothing: handcrafted loss; taylorglo: a Taylor-polynomial loss searched by CMA-ES,
+then frozen; ml3: loss learned offline (phase 1) then frozen; adalfl: phase 1 + online."""
 METHODS: tuple[str, ...] = get_args(Method)
 
 
@@ -88,6 +89,26 @@ class MetaConfig:
 
 
 @dataclass
+class TaylorGLOConfig:
+    """The CMA-ES search of TaylorGLO's 8 loss parameters (adalfl/taylorglo.py) on validation error.
+
+    Each candidate trains a freshly initialised base model for `eval_steps` steps with its loss and is
+    scored by the validation metric; the best candidate's loss then trains the final model.
+    """
+
+    population: int = 28  # CMA-ES popsize (TaylorGLO paper)
+    generations: int = 50
+    sigma: float = 1.2  # CMA-ES initial step size around the all-zero start
+    eval_steps: int = 2_000  # base steps of each candidate's short training run
+
+    def __post_init__(self) -> None:
+        for key in ("population", "generations", "eval_steps"):
+            require(getattr(self, key) >= 1, f"taylorglo.{key} = {getattr(self, key)} must be at least 1")
+        require(self.population >= 2, f"taylorglo.population = {self.population} must be at least 2")
+        require(self.sigma > 0, f"taylorglo.sigma = {self.sigma} must be positive")
+
+
+@dataclass
 class LogConfig:
     scalars_every: int = 50
     loss_shape_every: int = 1_000  # learned-loss curves l(y, p) as a TensorBoard figure
@@ -105,4 +126,9 @@ class SingleTaskConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss_network: LossNetworkConfig = field(default_factory=LossNetworkConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
+    taylorglo: TaylorGLOConfig = field(default_factory=TaylorGLOConfig)
+    label_smoothing: float = 0.1  # method label_smoothing: weight of the uniform distribution in the targets
     log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.label_smoothing < 1.0, f"label_smoothing = {self.label_smoothing} must lie in [0, 1)")

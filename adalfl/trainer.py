@@ -1,15 +1,21 @@
-"""Single-task training with a handcrafted, offline-learned (ML3) or online-adapted (AdaLFL) loss.
+"""Single-task training with a handcrafted, searched (TaylorGLO), offline-learned (ML3) or online-adapted
+(AdaLFL) loss.
 
 Phase 1 (ml3, adalfl): `meta.init_steps` meta steps, each one differentiable base step on a
 training batch followed by a loss-network update from the task loss on a meta batch; the base
 model is re-initialised every `meta.reset_period` steps. Phase 2: `train.steps` base steps of
 one model from a fresh initialisation; adalfl keeps meta-learning the loss at every step (the
-virtual step is the real step), ml3 freezes it, ce/mse use the handcrafted loss.
+virtual step is the real step), ml3 freezes it, ce/mse/label_smoothing use a handcrafted loss.
+taylorglo first searches its loss with CMA-ES (checkpointed per generation), then trains with it frozen.
+For every method with a loss other than the task's own, phase 2 logs two readouts every
+`log.scalars_every` steps (adalfl/analysis.py): the gradient-norm ratio to the task loss and argmin_p l(1, p).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +26,11 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from adalfl.analysis import loss_shape, loss_shape_figure
+from adalfl.analysis import argmin_prediction, gradient_norm_ratio, loss_shape, loss_shape_figure
 from adalfl.config import SingleTaskConfig
 from adalfl.loss_network import OutputWiseLoss
 from adalfl.online_step import LossFn, StepStats, online_step
+from adalfl.taylorglo import PENALTY, TaylorGLOLoss, TaylorGLOSearch
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.device import resolve_device
 from engine.errors import ConfigError, NonFiniteError
@@ -35,6 +42,7 @@ from tasks.supervised import SupervisedTask, batch_indices, load_task
 
 # Independent random streams: (batch order, augmentation) per phase and split.
 TRAIN_STREAM, META_STREAM, INIT_TRAIN_STREAM, INIT_META_STREAM = 0, 1, 2, 3
+SEARCH_INIT_STREAM = 10_000_000  # + generation: the base-model initialisation of TaylorGLO's candidates
 
 
 def regression_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -54,7 +62,11 @@ class SingleTaskTrainer:
         ).to(self.device)
         self._check_method_fits_task()
         self.task_loss: LossFn = F.cross_entropy if self.task.kind == "classification" else regression_loss
+        self.handcrafted_loss: LossFn = self.task_loss
+        if config.method == "label_smoothing":
+            self.handcrafted_loss = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
         self.learns_loss = config.method in ("ml3", "adalfl")
+        self.prediction = "softmax" if self.task.kind == "classification" else "identity"
 
         self.model, self.optimizer, self.scheduler = self._fresh_base(stream=0)
         self.loss_net: OutputWiseLoss | None = None
@@ -64,14 +76,18 @@ class SingleTaskTrainer:
                 hidden=config.loss_network.hidden,
                 beta=config.loss_network.beta,
                 gamma=config.loss_network.gamma,
-                prediction="softmax" if self.task.kind == "classification" else "identity",
+                prediction=self.prediction,
             ).to(self.device)
             self.meta_optimizer = torch.optim.Adam(self.loss_net.parameters(), lr=config.meta.lr)
+        self.search: TaylorGLOSearch | None = None
+        if config.method == "taylorglo":
+            self.search = TaylorGLOSearch(config.taylorglo.population, config.taylorglo.sigma, config.seed)
         self.init_step = 0 if self.learns_loss else config.meta.init_steps
         self.init_model: tuple[nn.Module, torch.optim.SGD, Any] | None = None
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.loss_shapes: list[dict[str, Any]] = []
+        self.readouts: list[dict[str, float]] = []
         self.wall_time = 0.0
         self.metric = "error" if self.task.kind == "classification" else "mse"
         self.advice = (
@@ -85,6 +101,9 @@ class SingleTaskTrainer:
             raise ConfigError(f"method ce needs a classification data set; {self.task.name} is regression: use mse")
         if method == "mse" and kind == "classification":
             raise ConfigError(f"method mse needs a regression data set; {self.task.name} is classification: use ce")
+        if method == "label_smoothing" and kind == "regression":
+            raise ConfigError(f"method label_smoothing needs a classification data set; {self.task.name} is "
+                              "regression: use mse")
 
     # ----- building blocks -------------------------------------------------------------------
     def _fresh_base(self, stream: int) -> tuple[nn.Module, torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
@@ -133,11 +152,12 @@ class SingleTaskTrainer:
     def state_dict(self) -> dict[str, Any]:
         state = {
             "step": self.step, "init_step": self.init_step, "history": self.history,
-            "loss_shapes": self.loss_shapes, "wall_time": self.wall_time, "rng": rng_state(),
+            "loss_shapes": self.loss_shapes, "readouts": self.readouts, "wall_time": self.wall_time,
+            "rng": rng_state(), "search": self.search,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
         }
-        if self.loss_net is not None:
+        if self.meta_optimizer is not None:
             state["loss_net"] = self.loss_net.state_dict()
             state["meta_optimizer"] = self.meta_optimizer.state_dict()
         if self.init_model is not None:
@@ -148,10 +168,13 @@ class SingleTaskTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.init_step = state["step"], state["init_step"]
         self.history, self.loss_shapes, self.wall_time = state["history"], state["loss_shapes"], state["wall_time"]
+        self.readouts, self.search = state.get("readouts", []), state.get("search")  # absent before readouts
+        if self.search is not None and self.search.generation == self.config.taylorglo.generations:
+            self._use_searched_loss()
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.loss_net is not None:
+        if self.meta_optimizer is not None:
             self.loss_net.load_state_dict(state["loss_net"])
             self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         if "init_model" in state:
@@ -171,7 +194,7 @@ class SingleTaskTrainer:
     # ----- logging ---------------------------------------------------------------------------
     def _log_step(self, writer: SummaryWriter, prefix: str, step: int, stats: StepStats) -> None:
         writer.add_scalar(f"{prefix}/task_loss", stats.task_loss, step)
-        if self.learns_loss:
+        if self.loss_net is not None:
             writer.add_scalar(f"{prefix}/learned_loss", stats.train_loss, step)
         if stats.meta_loss is not None:
             writer.add_scalar(f"{prefix}/meta_loss", stats.meta_loss, step)
@@ -181,6 +204,18 @@ class SingleTaskTrainer:
         shape = loss_shape(self.loss_net)
         self.loss_shapes.append({"phase": phase, "step": step, **shape})
         writer.add_figure("learned_loss/shape", loss_shape_figure(shape, f"{phase} step {step}"), step)
+
+    def _log_readouts(self, writer: SummaryWriter) -> None:
+        """The implicit learning-rate schedule and the adaptive label smoothing of the loss in use."""
+        batch = self._batch("train", self.step - 1, TRAIN_STREAM)
+        record = {
+            "step": self.step,
+            "grad_norm_ratio": gradient_norm_ratio(self.model, self.loss_net, self.task_loss, batch),
+            "argmin_p_y1": argmin_prediction(loss_shape(self.loss_net)),
+        }
+        self.readouts.append(record)
+        writer.add_scalar("analysis/grad_norm_ratio", record["grad_norm_ratio"], self.step)
+        writer.add_scalar("analysis/argmin_p_y1", record["argmin_p_y1"], self.step)
 
     def _log_evaluation(self, writer: SummaryWriter) -> dict[str, float]:
         record: dict[str, float] = {"step": self.step}
@@ -229,16 +264,55 @@ class SingleTaskTrainer:
             bar.close()
             writer.close()
 
+    def _use_searched_loss(self) -> None:
+        self.loss_net = TaylorGLOLoss(self.search.best_theta, self.prediction).to(self.device)
+
+    def _candidate_fitness(self, theta: list[float]) -> float:
+        """Validation metric of a fresh base model after `taylorglo.eval_steps` steps with loss `theta`."""
+        loss = TaylorGLOLoss(theta, self.prediction).to(self.device)
+        model, optimizer, _ = self._fresh_base(stream=SEARCH_INIT_STREAM + self.search.generation)
+        try:
+            for k in range(self.config.taylorglo.eval_steps):
+                online_step(model, loss, optimizer, self._batch("train", k, INIT_TRAIN_STREAM), self.task_loss, k)
+        except NonFiniteError:
+            return PENALTY
+        value = self.evaluate(model, "val")[self.metric]
+        return value if math.isfinite(value) else PENALTY
+
+    def taylorglo_search(self, stop: StopRequest) -> None:
+        """TaylorGLO: CMA-ES generations on validation error, checkpointed after each; then the best loss."""
+        cfg = self.config.taylorglo
+        writer = SummaryWriter(self.run.events / "search", purge_step=self.search.generation)
+        bar = tqdm(total=cfg.generations, initial=self.search.generation, desc="taylorglo search",
+                   unit="generation", dynamic_ncols=True)
+        try:
+            while self.search.generation < cfg.generations:
+                started = time.perf_counter()
+                record = self.search.step(self._candidate_fitness)
+                self.wall_time += time.perf_counter() - started
+                for key in ("best", "median", "best_so_far"):
+                    writer.add_scalar(f"taylorglo/{key}_val_{self.metric}", record[key], record["generation"])
+                write_text_atomic(self.run.path / "taylorglo_search.json", json.dumps(self.search.log, indent=1))
+                bar.update()
+                bar.set_postfix(best=f"{self.search.best_fitness:.4f}")
+                self.save()
+                if stop.requested:
+                    raise KeyboardInterrupt
+        finally:
+            bar.close()
+            writer.close()
+        self._use_searched_loss()
+
     def online_training(self, stop: StopRequest) -> None:
         """Phase 2: train the model for `train.steps` steps; adalfl adapts the loss at every step."""
         cfg = self.config
         writer = SummaryWriter(self.run.events, purge_step=self.step)
         adapt = cfg.method == "adalfl"
-        loss_fn = self.loss_net if self.learns_loss else self.task_loss
+        loss_fn = self.loss_net if self.loss_net is not None else self.handcrafted_loss
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc=f"phase 2: {cfg.method}", unit="step",
                    dynamic_ncols=True)
         try:
-            if self.step == 0 and self.learns_loss:
+            if self.step == 0 and self.loss_net is not None:
                 self._log_loss_shape(writer, "online", 0)
             while self.step < cfg.train.steps:
                 started = time.perf_counter()
@@ -255,6 +329,8 @@ class SingleTaskTrainer:
                 if self.step % cfg.log.scalars_every == 0:
                     self._log_step(writer, "train", self.step, stats)
                     writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
+                    if self.loss_net is not None:
+                        self._log_readouts(writer)
                 if adapt and self.step % cfg.log.loss_shape_every == 0:
                     self._log_loss_shape(writer, "online", self.step)
                 postfix = {"loss": f"{stats.task_loss:.4f}"}
@@ -282,6 +358,8 @@ class SingleTaskTrainer:
             "steps": self.step, "init_steps": self.init_step if self.learns_loss else 0,
             f"test_{self.metric}": final[f"test_{self.metric}"], f"val_{self.metric}": final[f"val_{self.metric}"],
             "test_loss": final["test_loss"], "wall_time_s": round(self.wall_time, 3), "history": self.history,
+            "readouts": self.readouts,
+            **({"taylorglo_theta": self.search.best_theta} if self.search is not None else {}),
         }
 
 
@@ -293,6 +371,8 @@ def train(config: SingleTaskConfig, run: RunDir, data_root: Path, resume: bool) 
     with StopRequest() as stop:
         if trainer.learns_loss and trainer.init_step < config.meta.init_steps:
             trainer.offline_initialisation(stop)
+        if trainer.search is not None and trainer.search.generation < config.taylorglo.generations:
+            trainer.taylorglo_search(stop)
         if trainer.step < config.train.steps:
             trainer.online_training(stop)
     results = trainer.results()

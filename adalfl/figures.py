@@ -1,0 +1,116 @@
+"""Figures of a comparison grid (compare.py): learning curves (the AdaLFL paper's Figure 3), the learned
+loss's evolution coloured by step (Figures 1 and 4), the analysis readouts, and accuracy bars with
+confidence intervals for episodic (NPBML) grids. Each function writes one PNG."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+DPI = 100
+COLOURS = {"ce": "tab:blue", "mse": "tab:blue", "label_smoothing": "tab:purple", "taylorglo": "tab:red",
+           "ml3": "tab:orange", "adalfl": "tab:green"}  # the same method has the same colour in every figure
+Series = Sequence[Mapping[str, float]]  # one run's records, each with a "step"
+
+
+def mean_band(runs: Sequence[Series], key: str, log: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, centre, lower, upper): mean +- std of `key` over runs, on the steps every run recorded;
+    with `log`, the geometric mean times/divided by the geometric std (a band that stays positive)."""
+    steps = sorted(set.intersection(*({r["step"] for r in run if key in r} for run in runs)))
+    values = np.array([[next(r[key] for r in run if r["step"] == s) for s in steps] for run in runs], dtype=float)
+    if log:
+        mean, std = np.log(values).mean(axis=0), np.log(values).std(axis=0)
+        return np.array(steps), np.exp(mean), np.exp(mean - std), np.exp(mean + std)
+    mean, std = values.mean(axis=0), values.std(axis=0)
+    return np.array(steps), mean, mean - std, mean + std
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=DPI)
+    plt.close(figure)
+    return path
+
+
+def _bands(axis: Any, runs_by_label: Mapping[str, Sequence[Series]], key: str, log: bool = False) -> None:
+    for label, runs in runs_by_label.items():
+        steps, centre, lower, upper = mean_band(runs, key, log)
+        if len(steps) == 0:
+            continue
+        line = axis.plot(steps, centre, label=f"{label} (n={len(runs)})", color=COLOURS.get(label))[0]
+        axis.fill_between(steps, lower, upper, color=line.get_color(), alpha=0.2)
+
+
+def learning_curves(histories: Mapping[str, Sequence[Series]], metric: str, path: Path) -> Path:
+    """Validation and test `metric` against gradient steps, mean over seeds with a +-1 std band."""
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for axis, split in zip(axes, ("val", "test"), strict=True):
+        _bands(axis, histories, f"{split}_{metric}")
+        axis.set_xlabel("gradient steps")
+        axis.set_ylabel(f"{split} {metric}")
+        axis.set_title(f"{split} {metric} (mean +- std over seeds)")
+        axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+    axes[1].legend()
+    return _save(figure, path)
+
+
+def readout_curves(readouts: Mapping[str, Sequence[Series]], path: Path) -> Path:
+    """The gradient-norm ratio to the task loss (implicit learning-rate schedule; geometric mean and std)
+    and argmin_p l(1, p) (adaptive label smoothing) against gradient steps, mean over seeds with a band."""
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    _bands(axes[0], readouts, "grad_norm_ratio", log=True)
+    axes[0].set_yscale("log")
+    axes[0].axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    axes[0].set_ylabel("||grad learned loss|| / ||grad task loss||")
+    _bands(axes[1], readouts, "argmin_p_y1")
+    axes[1].set_ylabel("argmin_p l(y=1, p)")
+    for axis, title in zip(axes, ("implicit learning-rate schedule", "where l(1, p) is minimal"), strict=True):
+        axis.set_xlabel("gradient steps")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    return _save(figure, path)
+
+
+def loss_evolution(shapes: Sequence[Mapping[str, Any]], title: str, path: Path) -> Path:
+    """l(y=1, p) and l(y=0, p) at each logged step of phase 2, coloured by step; the end of phase 1 dashed."""
+    online = [s for s in shapes if s["phase"] == "online"]
+    last_step = max((s["step"] for s in online), default=1) or 1
+    colours = plt.get_cmap("viridis")
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for axis, target in zip(axes, ("y=1", "y=0"), strict=True):
+        for shape in shapes:
+            if shape["phase"] == "init":
+                axis.plot(shape["prediction"], shape[target], "k--", linewidth=1, label="end of phase 1")
+            else:
+                axis.plot(shape["prediction"], shape[target], color=colours(shape["step"] / last_step), linewidth=1)
+        axis.set_xlabel("prediction p")
+        axis.set_ylabel(f"l({target[2:]}, p)")
+        axis.set_title(f"{title}: l({target[2:]}, p)")
+        axis.grid(alpha=0.3)
+    if any(s["phase"] == "init" for s in shapes):
+        axes[0].legend()
+    mappable = plt.cm.ScalarMappable(cmap=colours, norm=plt.Normalize(0, last_step))
+    figure.colorbar(mappable, ax=axes[1], label="gradient step")
+    return _save(figure, path)
+
+
+def accuracy_bars(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Mean test accuracy per method or ablation with its 95% confidence interval as error bars."""
+    figure, axis = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 1.5), 3.8))
+    labels = [r["method"] for r in rows]
+    errors = [r["ci95"] if r["ci95"] is not None else 0.0 for r in rows]
+    axis.bar(labels, [r["mean"] for r in rows], yerr=errors, capsize=5, color="tab:blue", alpha=0.8)
+    axis.set_ylabel("test accuracy (95% CI)")
+    axis.set_title("test accuracy per method")
+    axis.grid(axis="y", alpha=0.3)
+    return _save(figure, path)

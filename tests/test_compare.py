@@ -1,0 +1,110 @@
+"""compare.py: a tiny grid end to end, resume of a half-done grid, accuracy summaries, label smoothing."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from test_train_single_task import MNIST_QUICK, StopAfter, expect_error, run_train
+
+import adalfl.trainer
+import compare
+from engine.interrupt import StopRequest
+
+TINY = [
+    "train.steps=12", "train.eval_every=6", "train.checkpoint_every=4", "meta.init_steps=3",
+    "log.scalars_every=3", "log.loss_shape_every=6", "model.name=linear", "device=cpu",
+]
+
+
+def run_grid(out: Path, data: Path, methods: list[str], seeds: list[str]) -> int:
+    sets = [arg for s in TINY for arg in ("--set", s)]
+    return compare.main([
+        "--config", "configs/adalfl_california.yaml", "--methods", *methods, "--seeds", *seeds,
+        "--out", str(out), "--data-root", str(data), *sets,
+    ])
+
+
+def read_summary(out: Path) -> dict[str, dict[str, str]]:
+    with (out / "summary.csv").open() as f:
+        return {row["method"]: row for row in csv.DictReader(f)}
+
+
+def test_a_tiny_grid_runs_every_cell_and_writes_summaries_and_figures(tmp_path, shared_data) -> None:
+    out = tmp_path / "grid"
+    assert run_grid(out, shared_data, ["mse", "adalfl"], ["0", "1"]) == 0
+    for cell in ("mse-seed0", "mse-seed1", "adalfl-seed0", "adalfl-seed1"):
+        results = json.loads((out / cell / "results.json").read_text())
+        assert results["method"] == cell.split("-")[0] and results["seed"] == int(cell[-1])
+    summary = read_summary(out)
+    assert list(summary) == ["mse", "adalfl"]
+    for method in summary:
+        values = [json.loads((out / f"{method}-seed{s}" / "results.json").read_text())["test_mse"] for s in (0, 1)]
+        row = summary[method]
+        assert row["metric"] == "test_mse" and row["n"] == "2"
+        assert float(row["mean"]) == pytest.approx(sum(values) / 2)
+    assert "| adalfl | test_mse | 2 |" in (out / "summary.md").read_text()
+    for figure in ("learning_curves.png", "readouts.png", "loss_evolution_adalfl.png"):
+        assert (out / figure).stat().st_size > 1_000
+    assert not (out / "loss_evolution_mse.png").exists() and not (out / "accuracy.png").exists()
+
+
+def test_a_half_done_grid_skips_finished_cells_and_resumes_started_ones(tmp_path, shared_data, monkeypatch,
+                                                                         capsys) -> None:
+    out = tmp_path / "grid"
+    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopAfter)
+    StopAfter.reads_before_stop = 12 + 3 + 5  # all of mse-seed0, then adalfl-seed0's phase 1 and 5 steps
+    assert run_grid(out, shared_data, ["mse", "adalfl"], ["0"]) == 130
+    assert (out / "mse-seed0" / "results.json").exists() and (out / "adalfl-seed0" / "checkpoint.pt").exists()
+    assert not (out / "adalfl-seed0" / "results.json").exists()
+    assert compare.main(["--out", str(out), "--summary-only"]) == 0
+    assert "Cells without results (diverged, stopped or running): adalfl-seed0" in (out / "summary.md").read_text()
+    finished = (out / "mse-seed0" / "results.json").stat().st_mtime_ns
+
+    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopRequest)
+    capsys.readouterr()
+    assert run_grid(out, shared_data, ["mse", "adalfl"], ["0"]) == 0
+    printed = capsys.readouterr().out
+    assert "mse-seed0: finished, skipped" in printed and "adalfl-seed0: resuming" in printed
+    assert (out / "mse-seed0" / "results.json").stat().st_mtime_ns == finished
+    assert json.loads((out / "adalfl-seed0" / "results.json").read_text())["steps"] == 12
+    assert set(read_summary(out)) == {"mse", "adalfl"}
+
+
+def test_accuracy_results_get_confidence_intervals_and_a_bar_chart(tmp_path) -> None:
+    """Episodic (NPBML) runs report test_accuracy and test_ci95; ablations are labelled cells."""
+    cells = {"npbml-seed0": (0.60, 0.010), "npbml-seed1": (0.64, 0.012), "no_loss-seed0": (0.55, 0.011)}
+    for name, (accuracy, ci) in cells.items():
+        (tmp_path / name).mkdir()
+        results = {"method": "npbml", "seed": int(name[-1]), "test_accuracy": accuracy, "test_ci95": ci}
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    assert compare.main(["--out", str(tmp_path), "--summary-only"]) == 0
+    summary = read_summary(tmp_path)
+    assert float(summary["npbml"]["mean"]) == pytest.approx(0.62)
+    assert float(summary["npbml"]["std"]) == pytest.approx(0.0282843, rel=1e-4)
+    assert float(summary["npbml"]["ci95"]) == pytest.approx(0.011)
+    assert summary["no_loss"]["n"] == "1" and summary["no_loss"]["metric"] == "test_accuracy"
+    assert (tmp_path / "accuracy.png").stat().st_size > 1_000
+
+
+def test_labelled_configs_and_empty_grids(tmp_path, capsys) -> None:
+    cells = compare.grid_cells(Path("base.yaml"), ["ce", "abl=configs/other.yaml"], [0, 1])
+    assert [(c.label, c.seed, str(c.config), c.own_config) for c in cells] == [
+        ("ce", 0, "base.yaml", False), ("ce", 1, "base.yaml", False),
+        ("abl", 0, "configs/other.yaml", True), ("abl", 1, "configs/other.yaml", True),
+    ]
+    expect_error(capsys, compare.main(["--out", str(tmp_path), "--summary-only"]), "no finished cells")
+
+
+def test_label_smoothing_zero_is_cross_entropy_and_needs_classes(tmp_path, shared_data, capsys) -> None:
+    short = [*MNIST_QUICK, "--set", "train.steps=4", "--set", "train.eval_every=4", "--set", "train.checkpoint_every=4"]
+    smoothing = [*short, "--set", "method=label_smoothing"]
+    assert run_train(tmp_path, shared_data, "ce_mnist", "ce", *short) == 0
+    assert run_train(tmp_path, shared_data, "ce_mnist", "ls0", *smoothing, "--set", "label_smoothing=0") == 0
+    assert run_train(tmp_path, shared_data, "ce_mnist", "ls", *smoothing) == 0
+    ce, ls0, ls = (json.loads((tmp_path / n / "results.json").read_text())["history"] for n in ("ce", "ls0", "ls"))
+    assert ls0 == ce and ls != ce
+    code = run_train(tmp_path, shared_data, "mse_california", "bad", *smoothing)
+    expect_error(capsys, code, "label_smoothing needs a classification", "use mse")
