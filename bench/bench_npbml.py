@@ -3,6 +3,8 @@ a meta-iteration spent sampling episodes (Omniglot 5-way 1-shot, 4-CONV, same in
 
 Times are process CPU seconds (`time.process_time`, with one torch thread by default), so the figures
 hold on a machine shared with other jobs; the variants run round-robin and the median is reported.
+The convolution and matrix-multiply FLOPs of one meta-iteration (all passes: forward, backward and the
+second-order backward) are counted too: their ratio is what the time ratio would be if nothing else cost.
 
     .venv/bin/python bench/bench_npbml.py --data-root ../shared/data --repeats 5 --threads 1
 """
@@ -13,8 +15,11 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from engine.config import build_config
 from npbml.config import EpisodicConfig
@@ -43,6 +48,25 @@ def meta_iteration(learner: torch.nn.Module, sampler: EpisodeSampler, config: Ep
     return sampled - start, time.process_time() - start
 
 
+class FlopCount(TorchDispatchMode):
+    """Counts the FLOPs of the ops `torch.utils.flop_counter` knows (convolutions, matrix products).
+
+    (`FlopCounterMode` itself cannot be used: its module hooks break `torch.autograd.grad` on leaves.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
@@ -53,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sampler = EpisodeSampler(load_splits("omniglot", args.data_root)["train"], ways=5, shots=1, query=15)
-    setups = {}
+    setups, flops = {}, {}
     for name, (method, components) in VARIANTS.items():
         inner = {"steps": args.steps, "lr": 0.4} if method == "maml" else \
             {"steps": args.steps, "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
@@ -63,7 +87,10 @@ def main() -> None:
         learner = build_learner(config, (1, 28, 28))
         optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
         meta_iteration(learner, sampler, config, optimizer)  # warm-up
+        with FlopCount() as counter:
+            meta_iteration(learner, sampler, config, optimizer)
         setups[name] = (learner, config, optimizer)
+        flops[name] = counter.total
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in setups}
     for _ in range(args.repeats):
         for name, (learner, config, optimizer) in setups.items():
@@ -71,11 +98,13 @@ def main() -> None:
     timings = {name: (statistics.median(s for s, _ in r), statistics.median(t for _, t in r))
                for name, r in runs.items()}
     base = timings["maml (learn2learn)"][1]
-    print(f"| variant | CPU s / meta-iteration | ratio to MAML | sampling share |  (threads={args.threads}, "
-          f"steps={args.steps}, meta-batch={args.meta_batch}, median of {args.repeats})")
-    print("|---|---|---|---|")
+    print(f"| variant | CPU s / meta-iteration | ratio to MAML | conv+matmul GFLOP | FLOP ratio | sampling share |"
+          f"  (threads={args.threads}, steps={args.steps}, meta-batch={args.meta_batch}, median of {args.repeats})")
+    print("|---|---|---|---|---|---|")
     for name, (sample, total) in timings.items():
-        print(f"| {name} | {total:.3f} | {total / base:.2f} | {100 * sample / total:.2f}% |")
+        gflop, flop_ratio = flops[name] / 1e9, flops[name] / flops["maml (learn2learn)"]
+        print(f"| {name} | {total:.3f} | {total / base:.2f} | {gflop:.1f} | {flop_ratio:.2f} | "
+              f"{100 * sample / total:.2f}% |")
 
 
 if __name__ == "__main__":

@@ -26,4 +26,4 @@ class FiLM(nn.Module):
         if condition.dim() == 2 and z.dim() > 2:
             shape = (*gamma.shape, *([1] * (z.dim() - 2)))
             gamma, beta = gamma.reshape(shape), beta.reshape(shape)
-        return (1.0 + gamma) * z + beta
+        return torch.addcmul(beta, 1.0 + gamma, z)  # (1 + gamma) * z + beta in one pass over z

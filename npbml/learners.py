@@ -64,11 +64,12 @@ class NPBML(nn.Module):
             nn.Parameter(torch.full_like(params[n], self.inner.lr)) for n in self.names
         ) if self.components.learned_inner_lr else None
 
-    def support_loss(self, params: dict[str, torch.Tensor], episode: Episode) -> torch.Tensor:
+    def support_loss(self, params: dict[str, torch.Tensor], episode: Episode,
+                     transductive_x: torch.Tensor | None) -> torch.Tensor:
         logits = functional_call(self.backbone, params, (episode.support_x,))
         if self.loss is None:
             return F.cross_entropy(logits, episode.support_y)
-        query_logits = functional_call(self.backbone, params, (self.transductive_x(episode),))
+        query_logits = functional_call(self.backbone, params, (transductive_x,))
         return self.loss(logits, episode.support_y, query_logits, list(params.values()))
 
     def transductive_x(self, episode: Episode) -> torch.Tensor:
@@ -78,26 +79,30 @@ class NPBML(nn.Module):
         return per_class[:, :self.inner.transductive_shots].reshape(-1, *episode.query_x.shape[1:])
 
     def adapt(self, episode: Episode, steps: int, create_graph: bool) -> dict[str, torch.Tensor]:
-        """`steps` of SGD (momentum, Nesterov, weight decay as configured) from the initialisation."""
+        """`steps` of SGD (momentum, Nesterov, weight decay as configured) from the initialisation.
+
+        The update runs on all tensors at once (`torch._foreach_*`, differentiable), not tensor by tensor.
+        """
         base = dict(self.backbone.named_parameters())
-        params = {n: base[n] if base[n].requires_grad and create_graph else base[n].detach().requires_grad_()
-                  for n in self.names}
-        lrs = list(self.lrs) if self.lrs is not None else [self.inner.lr] * len(self.names)
-        buffers: list[torch.Tensor | None] = [None] * len(self.names)
+        params = [base[n] if base[n].requires_grad and create_graph else base[n].detach().requires_grad_()
+                  for n in self.names]
+        transductive_x = self.transductive_x(episode) if self.loss is not None else None
+        momentum = self.inner.momentum
+        buffers: list[torch.Tensor] | None = None
         for _ in range(steps):
-            grads = torch.autograd.grad(self.support_loss(params, episode), list(params.values()),
-                                        create_graph=create_graph and not self.inner.first_order)
-            updated = {}
-            for i, (name, p) in enumerate(params.items()):
-                g = grads[i] + self.inner.weight_decay * p if self.inner.weight_decay else grads[i]
-                if self.inner.momentum:
-                    buffers[i] = g if buffers[i] is None else self.inner.momentum * buffers[i] + g
-                    g = g + self.inner.momentum * buffers[i] if self.inner.nesterov else buffers[i]
-                updated[name] = p - lrs[i] * g
-            params = updated if create_graph else {n: p.detach().requires_grad_() for n, p in updated.items()}
+            loss = self.support_loss(dict(zip(self.names, params, strict=True)), episode, transductive_x)
+            step = list(torch.autograd.grad(loss, params, create_graph=create_graph and not self.inner.first_order))
+            if self.inner.weight_decay:
+                step = torch._foreach_add(step, params, alpha=self.inner.weight_decay)
+            if momentum:
+                buffers = step if buffers is None else torch._foreach_add(step, buffers, alpha=momentum)
+                step = torch._foreach_add(step, buffers, alpha=momentum) if self.inner.nesterov else buffers
+            params = torch._foreach_sub(params, torch._foreach_mul(step, list(self.lrs))) \
+                if self.lrs is not None else torch._foreach_add(params, step, alpha=-self.inner.lr)
             if not create_graph:
-                buffers = [b.detach() if b is not None else None for b in buffers]
-        return params
+                params = [p.detach().requires_grad_() for p in params]
+                buffers = [b.detach() for b in buffers] if buffers is not None else None
+        return dict(zip(self.names, params, strict=True))
 
     def forward(self, episode: Episode, steps: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():

@@ -56,15 +56,21 @@ def prototype_similarity(support_logits: torch.Tensor, support_y: torch.Tensor,
 def parameter_statistics(params: Sequence[torch.Tensor], eps: float = 1e-12) -> torch.Tensor:
     """[len(params), 4]: mean, std, L1 norm / numel, L2 norm / sqrt(numel) of each tensor.
 
-    The square roots get `eps` inside so that all-zero tensors (BN biases at init) have finite gradients.
+    Tensors of the same size are stacked and reduced together (a backbone has few distinct sizes), so
+    the cost is a few ops per size rather than per tensor. The square roots get `eps` inside so that
+    all-zero tensors (BN biases at init) have finite gradients.
     """
-    rows = []
-    for p in params:
-        flat = p.reshape(-1)
-        mean = flat.mean()
-        std = ((flat - mean).pow(2).mean() + eps).sqrt()
-        rows.append(torch.stack((mean, std, flat.abs().mean(), (flat.pow(2).mean() + eps).sqrt())))
-    return torch.stack(rows)
+    by_size: dict[int, list[int]] = {}
+    for index, p in enumerate(params):
+        by_size.setdefault(p.numel(), []).append(index)
+    rows, order = [], []
+    for indices in by_size.values():
+        x = torch.stack([params[i].reshape(-1) for i in indices])
+        var, mean = torch.var_mean(x, dim=1, correction=0)
+        rows.append(torch.stack((mean, var, x.abs().mean(dim=1), x.pow(2).mean(dim=1)), dim=1))
+        order += indices
+    mean, var, l1, sq = torch.cat(rows)[torch.tensor(order).argsort()].unbind(dim=1)
+    return torch.stack((mean, (var + eps).sqrt(), l1, (sq + eps).sqrt()), dim=1)
 
 
 class TaskAdaptiveLoss(nn.Module):

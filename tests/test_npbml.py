@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from engine.config import build_config
 from engine.errors import ConfigError
@@ -14,7 +15,7 @@ from npbml.backbones import adapted_names, build_backbone
 from npbml.config import EpisodicConfig
 from npbml.learners import NPBML, build_learner
 from npbml.meta_trainer import mean_ci95
-from npbml.task_loss import TaskAdaptiveLoss
+from npbml.task_loss import TaskAdaptiveLoss, parameter_statistics
 from tasks.episodes import Episode
 
 WAYS, SHOTS, QUERY = 5, 1, 3
@@ -42,6 +43,48 @@ def test_task_adaptive_loss_starts_as_cross_entropy() -> None:
     params = [torch.randn(8, 4, 3, 3), torch.zeros(8), torch.ones(8)]
     value = loss(logits, y, 3 * torch.randn(15, WAYS), params)
     assert value.item() == pytest.approx(F.cross_entropy(logits, y).item(), abs=1e-3)
+
+
+def test_parameter_statistics_match_per_tensor_reductions_to_second_order() -> None:
+    torch.manual_seed(0)
+    # an all-zero tensor (BN biases at init) included; a constant non-zero one is left out: there the std's
+    # Hessian is ~1 / (numel * sqrt(eps)), which magnifies rounding noise in any implementation
+    params = [t.requires_grad_() for t in (torch.randn(8, 4, 3, 3), torch.zeros(8), torch.randn(8),
+                                           1 + torch.randn(8), torch.randn(8, 8, 3, 3), torch.randn(5, 8))]
+
+    def per_tensor(tensors: list[torch.Tensor], eps: float = 1e-12) -> torch.Tensor:
+        return torch.stack([torch.stack((t.mean(), ((t - t.mean()).pow(2).mean() + eps).sqrt(), t.abs().mean(),
+                                         (t.pow(2).mean() + eps).sqrt())) for t in tensors])
+
+    weights = torch.randn(len(params), 4)
+    results = []
+    for statistics in (parameter_statistics, per_tensor):
+        value = statistics(params)
+        grads = torch.autograd.grad((weights * value).sum(), params, create_graph=True)
+        second = torch.autograd.grad(sum(g.pow(2).sum() for g in grads), params)
+        results.append((value, grads, second))
+    for ours, reference in zip(*results, strict=True):
+        for a, b in zip(ours, reference, strict=True):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_inner_update_is_per_tensor_nesterov_sgd() -> None:
+    torch.manual_seed(0)
+    learner = build_learner(config(warp=False, learned_loss=False, film=False), (1, 28, 28))
+    task, inner = episode(), learner.inner
+    params = {n: p.detach() for n, p in learner.backbone.named_parameters()}
+    buffers = {n: torch.zeros_like(p) for n, p in params.items()}
+    for _ in range(2):
+        params = {n: p.requires_grad_() for n, p in params.items()}
+        loss = F.cross_entropy(functional_call(learner.backbone, params, (task.support_x,)), task.support_y)
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+        for n, p in params.items():
+            g = grads[n] + inner.weight_decay * p.detach()
+            buffers[n] = inner.momentum * buffers[n] + g
+            params[n] = p.detach() - inner.lr * (g + inner.momentum * buffers[n])
+    adapted = learner.adapt(task, steps=2, create_graph=False)
+    for n, p in params.items():
+        assert torch.allclose(adapted[n], p, atol=1e-6), n
 
 
 def test_meta_gradient_reaches_every_meta_learned_parameter() -> None:
