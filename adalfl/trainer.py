@@ -191,6 +191,14 @@ class SingleTaskTrainer:
                 raise NonFiniteError(f"parameters became non-finite by step {self.step}; {self.advice}")
         save_checkpoint(self.run.checkpoint, self.state_dict())
 
+    def _checkpoint_boundary(self, step: int, total: int, stop: StopRequest) -> None:
+        """End of a step: checkpoint when due, at the end, or when a stop was asked for (then stop)."""
+        stopping = stop.requested
+        if stopping or step % self.config.train.checkpoint_every == 0 or step == total:
+            self.save()
+        if stopping:
+            raise KeyboardInterrupt
+
     # ----- logging ---------------------------------------------------------------------------
     def _log_step(self, writer: SummaryWriter, prefix: str, step: int, stats: StepStats) -> None:
         writer.add_scalar(f"{prefix}/task_loss", stats.task_loss, step)
@@ -255,11 +263,7 @@ class SingleTaskTrainer:
                 if self.init_step == meta.init_steps:
                     self.init_model = None
                     self._log_loss_shape(writer, "init", self.init_step)
-                if self.init_step % self.config.train.checkpoint_every == 0 or self.init_step == meta.init_steps:
-                    self.save()
-                if stop.requested:
-                    self.save()
-                    raise KeyboardInterrupt
+                self._checkpoint_boundary(self.init_step, meta.init_steps, stop)
         finally:
             bar.close()
             writer.close()
@@ -341,11 +345,7 @@ class SingleTaskTrainer:
                     postfix["meta"] = f"{stats.meta_loss:.4f}"
                 bar.update()
                 bar.set_postfix(postfix, refresh=False)
-                if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.steps:
-                    self.save()
-                if stop.requested:
-                    self.save()
-                    raise KeyboardInterrupt
+                self._checkpoint_boundary(self.step, cfg.train.steps, stop)
         finally:
             bar.close()
             writer.close()

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.device import resolve_device
 from engine.errors import NonFiniteError
+from engine.interrupt import StopRequest
 from engine.rng import rng_state, seed_everything, set_rng_state
 from engine.run_dir import RunDir, write_results
 from npbml.config import EpisodicConfig
@@ -100,54 +101,58 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
     started = time.time() - state["wall_time"]
     sample_time = step_time = 0.0
     postfix: dict[str, str] = {}
-    try:
-        while state["iteration"] < total:
-            iteration = state["iteration"] + 1
-            tick = time.time()
-            with python_random(config.seed * 1_000_003 + iteration):
-                episodes = [samplers["train"].sample() for _ in range(config.outer.meta_batch)]
-            sample_time += time.time() - tick
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = acc_sum = 0.0
-            for episode in episodes:
-                loss, accuracy = learner(episode.to(device), config.inner.steps, train=True)
-                (loss / config.outer.meta_batch).backward()
-                loss_sum += loss.item()
-                acc_sum += accuracy.item()
-            norm = torch.nn.utils.clip_grad_norm_(params, config.outer.grad_clip or float("inf"))
-            if not (math.isfinite(loss_sum) and torch.isfinite(norm)):
-                raise NonFiniteError(
-                    f"meta-iteration {iteration}: the meta-loss or its gradient is not finite "
-                    f"(loss {loss_sum / config.outer.meta_batch:.4g}, gradient norm {float(norm):.4g}); "
-                    "lower outer.lr or inner.lr (or set outer.grad_clip). The last good checkpoint is kept in "
-                    f"{run.path}"
-                )
-            optimizer.step()
-            scheduler.step()
-            step_time += time.time() - tick
-            state["iteration"] = iteration
-            mean_loss, mean_acc = loss_sum / config.outer.meta_batch, acc_sum / config.outer.meta_batch
-            if iteration % config.log.every == 0 or iteration == total:
-                _log_train(writer, learner, iteration, mean_loss, mean_acc, float(norm),
-                           scheduler.get_last_lr()[0], sample_time / max(step_time, 1e-9))
-            if iteration % config.eval.every == 0 or iteration == total:
-                val_acc, _ = mean_ci95(evaluate(learner, fixed_episodes("validation", config.eval.val_tasks),
-                                                config.eval_steps, device))
-                writer.add_scalar("meta_val/accuracy", val_acc, iteration)
-                _log_loss_shape(writer, learner, iteration)
-                if val_acc > state["best_val"]:
-                    state.update(best_val=val_acc, best_iteration=iteration)
-                    save_checkpoint(run.best_checkpoint, {"learner": learner.state_dict(), "iteration": iteration})
-                postfix["val"] = f"{val_acc:.3f}"
-            state["wall_time"] = time.time() - started
-            if iteration % config.log.checkpoint_every == 0 or iteration == total:
-                save()
-            postfix.update(loss=f"{mean_loss:.3f}", acc=f"{mean_acc:.3f}")
-            bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
-    finally:
-        bar.close()
-        writer.flush()
+    with StopRequest() as stop:
+        try:
+            while state["iteration"] < total:
+                iteration = state["iteration"] + 1
+                tick = time.time()
+                with python_random(config.seed * 1_000_003 + iteration):
+                    episodes = [samplers["train"].sample() for _ in range(config.outer.meta_batch)]
+                sample_time += time.time() - tick
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = acc_sum = 0.0
+                for episode in episodes:
+                    loss, accuracy = learner(episode.to(device), config.inner.steps, train=True)
+                    (loss / config.outer.meta_batch).backward()
+                    loss_sum += loss.item()
+                    acc_sum += accuracy.item()
+                norm = torch.nn.utils.clip_grad_norm_(params, config.outer.grad_clip or float("inf"))
+                if not (math.isfinite(loss_sum) and torch.isfinite(norm)):
+                    raise NonFiniteError(
+                        f"meta-iteration {iteration}: the meta-loss or its gradient is not finite "
+                        f"(loss {loss_sum / config.outer.meta_batch:.4g}, gradient norm {float(norm):.4g}); "
+                        "lower outer.lr or inner.lr (or set outer.grad_clip). The last good checkpoint is kept in "
+                        f"{run.path}"
+                    )
+                optimizer.step()
+                scheduler.step()
+                step_time += time.time() - tick
+                state["iteration"] = iteration
+                mean_loss, mean_acc = loss_sum / config.outer.meta_batch, acc_sum / config.outer.meta_batch
+                if iteration % config.log.every == 0 or iteration == total:
+                    _log_train(writer, learner, iteration, mean_loss, mean_acc, float(norm),
+                               scheduler.get_last_lr()[0], sample_time / max(step_time, 1e-9))
+                if iteration % config.eval.every == 0 or iteration == total:
+                    val_acc, _ = mean_ci95(evaluate(learner, fixed_episodes("validation", config.eval.val_tasks),
+                                                    config.eval_steps, device))
+                    writer.add_scalar("meta_val/accuracy", val_acc, iteration)
+                    _log_loss_shape(writer, learner, iteration)
+                    if val_acc > state["best_val"]:
+                        state.update(best_val=val_acc, best_iteration=iteration)
+                        save_checkpoint(run.best_checkpoint, {"learner": learner.state_dict(), "iteration": iteration})
+                    postfix["val"] = f"{val_acc:.3f}"
+                state["wall_time"] = time.time() - started
+                stopping = stop.requested
+                if stopping or iteration % config.log.checkpoint_every == 0 or iteration == total:
+                    save()
+                if stopping:
+                    raise KeyboardInterrupt
+                postfix.update(loss=f"{mean_loss:.3f}", acc=f"{mean_acc:.3f}")
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+        finally:
+            bar.close()
+            writer.flush()
     learner.load_state_dict(load_checkpoint(run.best_checkpoint)["learner"])
     test_acc, test_ci = mean_ci95(evaluate(learner, fixed_episodes("test", config.eval.test_tasks),
                                            config.eval_steps, device))
