@@ -6,7 +6,7 @@ hold on a machine shared with other jobs; the variants run round-robin and the m
 The convolution and matrix-multiply FLOPs of one meta-iteration (all passes: forward, backward and the
 second-order backward) are counted too: their ratio is what the time ratio would be if nothing else cost.
 
-    .venv/bin/python bench/bench_npbml.py --data-root ../shared/data --repeats 5 --threads 1
+    .venv/bin/python bench/bench_npbml.py --data-root ../shared/data --repeats 10 --threads 1
 """
 
 from __future__ import annotations
@@ -26,11 +26,15 @@ from npbml.config import EpisodicConfig
 from npbml.learners import build_learner
 from tasks.episodes import EpisodeSampler, load_splits
 
-VARIANTS = {  # name -> (method, components); the same backbone, inner steps and meta-batch for all
-    "maml (learn2learn)": ("maml", {}),
-    "npbml init+warp": ("npbml", {"learned_loss": False, "film": False}),
-    "npbml init+loss": ("npbml", {"warp": False, "film": False}),
-    "npbml full": ("npbml", {}),
+TOP_TWO = {"adapted_blocks": 2}  # the reference code's layout: the top two blocks adapted, warped, FiLM-ed
+VARIANTS = {  # name -> (method, components, model); the same backbone, inner steps and meta-batch for all
+    "maml (learn2learn)": ("maml", {}, {}),
+    "npbml init+warp, all blocks adapted": ("npbml", {"learned_loss": False, "film": False}, {}),
+    "npbml init+loss, all blocks adapted": ("npbml", {"warp": False, "film": False}, {}),
+    "npbml full, all blocks adapted": ("npbml", {}, {}),
+    "npbml init+warp, top 2 adapted": ("npbml", {"learned_loss": False, "film": False}, TOP_TWO),
+    "npbml init+loss, top 2 adapted": ("npbml", {"warp": False, "film": False}, TOP_TWO),
+    "npbml full, top 2 adapted": ("npbml", {}, TOP_TWO),
 }
 
 
@@ -74,15 +78,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--meta-batch", type=int, default=4)
+    parser.add_argument("--transductive-shots", type=int, default=1,
+                        help="query examples per class in NPBML's transductive loss term (15: the whole query)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sampler = EpisodeSampler(load_splits("omniglot", args.data_root)["train"], ways=5, shots=1, query=15)
     setups, flops = {}, {}
-    for name, (method, components) in VARIANTS.items():
+    for name, (method, components, model) in VARIANTS.items():
         inner = {"steps": args.steps, "lr": 0.4} if method == "maml" else \
             {"steps": args.steps, "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
+        inner["transductive_shots"] = args.transductive_shots
         config = build_config(EpisodicConfig, {"method": method, "components": components, "inner": inner,
-                                               "outer": {"meta_batch": args.meta_batch}})
+                                               "model": model, "outer": {"meta_batch": args.meta_batch}})
         torch.manual_seed(0)
         learner = build_learner(config, (1, 28, 28))
         optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
@@ -99,7 +106,8 @@ def main() -> None:
                for name, r in runs.items()}
     base = timings["maml (learn2learn)"][1]
     print(f"| variant | CPU s / meta-iteration | ratio to MAML | conv+matmul GFLOP | FLOP ratio | sampling share |"
-          f"  (threads={args.threads}, steps={args.steps}, meta-batch={args.meta_batch}, median of {args.repeats})")
+          f"  (threads={args.threads}, steps={args.steps}, meta-batch={args.meta_batch}, "
+          f"transductive shots={args.transductive_shots}, median of {args.repeats})")
     print("|---|---|---|---|---|---|")
     for name, (sample, total) in timings.items():
         gflop, flop_ratio = flops[name] / 1e9, flops[name] / flops["maml (learn2learn)"]

@@ -1,13 +1,18 @@
-"""4-CONV and ResNet-12 backbones with optional warp and FiLM layers.
+"""4-CONV and ResNet-12 backbones split into a trunk and adapted blocks, with optional warp and FiLM layers.
 
-A `ConvUnit` is conv3x3 -> BatchNorm -> [FiLM] -> activation. A warp layer (a 3x3 conv,
-Dirac-initialised so it starts as the identity) follows each pooled block, between that block and
-the next adapted layer (the next block's conv + BN, or the head): it preconditions the gradients of
-the layers around it (WarpGrad / T-Net). Placing it after the 2x2 pooling rather than directly after
-the conv costs a quarter of the FLOPs for the same role (at 28x28 a warp before pooling would cost
-more than the whole 4-CONV). Warp and FiLM layers are meta-learned and fixed in the inner loop;
-`adapted_names` lists every other parameter. Batch norm always uses the batch's statistics (no
-running buffers), as in MAML.
+A backbone is a stack of pooled blocks and a linear head. The top `adapted_blocks` blocks and the head
+are adapted in the inner loop; the blocks below them form the trunk, meta-learned in the outer loop
+but fixed in the inner loop (the reference code adapts the top two of 4-CONV's blocks), so a learner
+computes the trunk's output once per episode and reuses it in every inner step. `adapted_blocks=None`
+adapts every block (MAML's setting).
+
+Warp and FiLM layers sit in the adapted blocks only. A warp layer (a 3x3 conv, Dirac-initialised so it
+starts as the identity) follows each adapted block, between it and the next adapted layer: it
+preconditions the gradients of the layers around it (WarpGrad / T-Net). Placing it after the 2x2
+pooling rather than directly after the conv costs a quarter of the FLOPs for the same role. A
+`ConvUnit` is conv3x3 -> BatchNorm -> [FiLM] -> activation. Warp and FiLM layers are meta-learned and
+fixed in the inner loop; `adapted_names` lists the parameters the inner loop changes. Batch norm always
+uses the batch's statistics (no running buffers), as in MAML.
 """
 
 from __future__ import annotations
@@ -18,21 +23,11 @@ from torch import nn
 
 from npbml.film import FiLM
 
-FIXED_IN_INNER_LOOP = ("warps", "film")  # parameter-name parts of the meta-only layers
-
-
-def warp_layers(widths: list[int], enabled: bool) -> nn.ModuleList | None:
-    """One identity-initialised 3x3 conv per width, or None when warping is off."""
-    if not enabled:
-        return None
-    layers = nn.ModuleList(nn.Conv2d(w, w, 3, padding=1, bias=False) for w in widths)
-    for layer in layers:
-        nn.init.dirac_(layer.weight)
-    return layers
+META_ONLY_LAYERS = ("warps", "film")  # parameter-name parts of the layers fixed in the inner loop
 
 
 class ConvUnit(nn.Module):
-    """conv3x3 -> BN -> [FiLM conditioned on the pooled unit input] -> activation."""
+    """conv3x3 -> BN -> [FiLM conditioned on the unit's input pooled over the batch] -> activation."""
 
     def __init__(self, cin: int, cout: int, film: bool, slope: float = 0.0) -> None:
         super().__init__()
@@ -44,29 +39,19 @@ class ConvUnit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.norm(self.conv(x))
         if self.film is not None:
-            z = self.film(z, x.mean(dim=(2, 3)))
+            z = self.film(z, x.mean(dim=(0, 2, 3)))
         return F.leaky_relu(z, self.slope) if self.slope else F.relu(z)
 
 
-class Conv4(nn.Module):
-    """Four conv units of `filters` channels with 2x2 max pooling, each followed by a warp; a linear head."""
+class ConvBlock(nn.Module):
+    """One 4-CONV block: a conv unit, then 2x2 max pooling."""
 
-    def __init__(self, in_shape: tuple[int, int, int], ways: int, filters: int, warp: bool, film: bool):
+    def __init__(self, cin: int, cout: int, film: bool) -> None:
         super().__init__()
-        channels = [in_shape[0]] + [filters] * 4
-        self.units = nn.ModuleList(ConvUnit(a, b, film) for a, b in zip(channels[:-1], channels[1:]))
-        self.warps = warp_layers(channels[1:], warp)
-        side = in_shape[1]
-        for _ in range(4):
-            side //= 2
-        self.head = nn.Linear(filters * side * side, ways)
+        self.unit = ConvUnit(cin, cout, film)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for index, unit in enumerate(self.units):
-            x = F.max_pool2d(unit(x), 2)
-            if self.warps is not None:
-                x = self.warps[index](x)
-        return self.head(x.flatten(1))
+        return F.max_pool2d(self.unit(x), 2)
 
 
 class ResBlock(nn.Module):
@@ -85,33 +70,78 @@ class ResBlock(nn.Module):
         return F.max_pool2d(F.leaky_relu(out + self.shortcut(x), 0.1), 2)
 
 
-class ResNet12(nn.Module):
-    """ResNet-12: four residual blocks of filters x (1, 2.5, 5, 10) channels, each followed by a warp;
-    global pooling, a linear head."""
+class Backbone(nn.Module):
+    """trunk blocks -> adapted blocks, each followed by its warp -> readout -> linear head."""
 
-    def __init__(self, in_shape: tuple[int, int, int], ways: int, filters: int, warp: bool, film: bool):
+    def __init__(self, block: type[nn.Module], widths: list[int], head_in: int, ways: int,
+                 adapted_blocks: int | None, warp: bool, film: bool, global_pool: bool) -> None:
         super().__init__()
-        widths = [in_shape[0]] + [int(filters * m) for m in (1, 2.5, 5, 10)]
-        self.blocks = nn.ModuleList(ResBlock(a, b, film) for a, b in zip(widths[:-1], widths[1:]))
-        self.warps = warp_layers(widths[1:], warp)
-        self.head = nn.Linear(widths[-1], ways)
+        count = len(widths) - 1
+        adapted = count if adapted_blocks is None else adapted_blocks
+        if not 0 <= adapted <= count:
+            raise ValueError(f"adapted_blocks = {adapted_blocks} must be between 0 and {count}")
+        self.trunk_blocks = count - adapted
+        self.blocks = nn.ModuleList(
+            block(a, b, film and index >= self.trunk_blocks)
+            for index, (a, b) in enumerate(zip(widths[:-1], widths[1:]))
+        )
+        self.warps = nn.ModuleDict({
+            str(index): nn.Conv2d(widths[index + 1], widths[index + 1], 3, padding=1, bias=False)
+            for index in range(self.trunk_blocks, count)
+        }) if warp else None
+        if self.warps is not None:
+            for layer in self.warps.values():
+                nn.init.dirac_(layer.weight)
+        self.global_pool = global_pool
+        self.head = nn.Linear(head_in, ways)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for index, block in enumerate(self.blocks):
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The output of the blocks that the inner loop does not adapt."""
+        for block in self.blocks[:self.trunk_blocks]:
             x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor, from_trunk: bool = False) -> torch.Tensor:
+        """Logits of images `x`, or of the trunk's output `x` when `from_trunk`."""
+        if not from_trunk:
+            x = self.trunk(x)
+        for index in range(self.trunk_blocks, len(self.blocks)):
+            x = self.blocks[index](x)
             if self.warps is not None:
-                x = self.warps[index](x)
-        return self.head(x.mean(dim=(2, 3)))
+                x = self.warps[str(index)](x)
+        return self.head(x.mean(dim=(2, 3)) if self.global_pool else x.flatten(1))
 
 
-BACKBONES = {"conv4": Conv4, "resnet12": ResNet12}
+def conv4(in_shape: tuple[int, int, int], ways: int, filters: int, adapted_blocks: int | None,
+          warp: bool, film: bool) -> Backbone:
+    """Four blocks of `filters` channels (conv3x3, BN, ReLU, 2x2 max pooling); a linear head on the flat map."""
+    side = in_shape[1] // 16
+    return Backbone(ConvBlock, [in_shape[0]] + [filters] * 4, filters * side * side, ways,
+                    adapted_blocks, warp, film, global_pool=False)
+
+
+def resnet12(in_shape: tuple[int, int, int], ways: int, filters: int, adapted_blocks: int | None,
+             warp: bool, film: bool) -> Backbone:
+    """ResNet-12: four residual blocks of filters x (1, 2.5, 5, 10) channels; global pooling, a linear head."""
+    widths = [in_shape[0]] + [int(filters * m) for m in (1, 2.5, 5, 10)]
+    return Backbone(ResBlock, widths, widths[-1], ways, adapted_blocks, warp, film, global_pool=True)
+
+
+BACKBONES = {"conv4": conv4, "resnet12": resnet12}
 
 
 def build_backbone(name: str, in_shape: tuple[int, int, int], ways: int, filters: int,
-                   warp: bool = False, film: bool = False) -> nn.Module:
-    return BACKBONES[name](in_shape, ways, filters, warp, film)
+                   adapted_blocks: int | None = None, warp: bool = False, film: bool = False) -> Backbone:
+    return BACKBONES[name](in_shape, ways, filters, adapted_blocks, warp, film)
 
 
-def adapted_names(model: nn.Module) -> list[str]:
-    """Names of the parameters the inner loop adapts: all but the warp and FiLM layers'."""
-    return [n for n, _ in model.named_parameters() if not set(n.split(".")) & set(FIXED_IN_INNER_LOOP)]
+def is_meta_only(name: str) -> bool:
+    """Whether parameter `name` belongs to a warp or FiLM layer (learned in the outer loop only)."""
+    return bool(set(name.split(".")) & set(META_ONLY_LAYERS))
+
+
+def adapted_names(model: Backbone) -> list[str]:
+    """Names of the parameters the inner loop adapts: the adapted blocks' and the head's, less warp and FiLM."""
+    trunk = {f"blocks.{index}" for index in range(model.trunk_blocks)}
+    return [n for n, _ in model.named_parameters()
+            if not is_meta_only(n) and ".".join(n.split(".")[:2]) not in trunk]

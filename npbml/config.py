@@ -9,6 +9,7 @@ from engine.errors import ConfigError
 
 METHODS = ("maml", "metasgd", "npbml")
 Method = Literal["maml", "metasgd", "npbml"]
+BLOCKS = 4  # pooled blocks of both backbones
 
 
 @dataclass
@@ -27,6 +28,9 @@ class DataConfig:
 class ModelConfig:
     backbone: Literal["conv4", "resnet12"] = "conv4"
     filters: int = 64  # conv4: every block; resnet12: the first block (x2.5, x5, x10 after)
+    # NPBML: blocks (from the top) adapted in the inner loop, with warp and FiLM layers; the blocks
+    # below are meta-learned but fixed in the inner loop. null: all four (maml / metasgd always adapt all).
+    adapted_blocks: int | None = None
 
 
 @dataclass
@@ -116,6 +120,16 @@ class EpisodicConfig:
                 f"method {self.method} adapts with learn2learn's plain SGD: set inner.momentum=0, "
                 "inner.nesterov=false and inner.weight_decay=0 (they are NPBML inner-loop options)"
             )
+        if self.model.adapted_blocks is not None:
+            if self.method != "npbml":
+                raise ConfigError(
+                    f"model.adapted_blocks is an NPBML option; method {self.method} adapts every block: "
+                    "set model.adapted_blocks=null"
+                )
+            if not 0 <= self.model.adapted_blocks <= BLOCKS:
+                raise ConfigError(
+                    f"model.adapted_blocks = {self.model.adapted_blocks} must be between 0 and {BLOCKS} (or null)"
+                )
         if self.inner.transductive_shots > self.data.query:
             raise ConfigError(
                 f"inner.transductive_shots = {self.inner.transductive_shots} exceeds data.query = {self.data.query}"

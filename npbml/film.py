@@ -1,4 +1,4 @@
-"""FiLM: z -> (1 + gamma) * z + beta, gamma and beta a linear map of a pooled conditioning input."""
+"""FiLM: z -> (1 + gamma) * z + beta, gamma and beta a linear map of the task's pooled input."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from torch import nn
 
 
 class FiLM(nn.Module):
-    """Feature-wise modulation; zero-initialised, so it starts as the identity.
+    """Feature-wise modulation conditioned on the task; zero-initialised, so it starts as the identity.
 
-    `condition` is [B, cond_features] (one row per example) or [cond_features] (one for all rows);
-    `z` is [B, features, ...] and is modulated along dimension 1 (or the last dimension for a 1-D
-    condition).
+    `condition` is one vector [cond_features] for the whole batch: the layer's input pooled over the
+    examples (and spatial positions), as in the reference, so every example of a task gets the same
+    modulation. `z` is [B, features, ...] and is modulated along dimension 1.
     """
 
     def __init__(self, cond_features: int, features: int) -> None:
@@ -23,7 +23,6 @@ class FiLM(nn.Module):
 
     def forward(self, z: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         gamma, beta = self.map(condition).split(self.features, dim=-1)
-        if condition.dim() == 2 and z.dim() > 2:
-            shape = (*gamma.shape, *([1] * (z.dim() - 2)))
-            gamma, beta = gamma.reshape(shape), beta.reshape(shape)
+        spatial = [1] * (z.dim() - 2)
+        gamma, beta = gamma.reshape(-1, *spatial), beta.reshape(-1, *spatial)
         return torch.addcmul(beta, 1.0 + gamma, z)  # (1 + gamma) * z + beta in one pass over z

@@ -9,12 +9,14 @@ meta-validation/test adapts without one.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from npbml.backbones import adapted_names, build_backbone
+from npbml.backbones import Backbone, adapted_names, build_backbone, is_meta_only
 from npbml.config import EpisodicConfig
 from npbml.task_loss import TaskAdaptiveLoss
 from tasks.episodes import Episode, import_learn2learn
@@ -46,31 +48,45 @@ class L2LLearner(nn.Module):
         return None if lrs is None else torch.cat([lr.detach().reshape(-1) for lr in lrs])
 
 
+class EpisodeFeatures(NamedTuple):
+    """The trunk's output on an episode's inner-loop batch (the support, then with L_Q the transductive query
+    examples: one batch, so batch norm sees them together, as in the reference) and on its query."""
+
+    inner: torch.Tensor
+    query: torch.Tensor
+
+
 class NPBML(nn.Module):
     """Neural procedural bias meta-learning: initialisation, optimizer (warp) and loss meta-learned."""
 
-    def __init__(self, backbone: nn.Module, config: EpisodicConfig) -> None:
+    def __init__(self, backbone: Backbone, config: EpisodicConfig) -> None:
         super().__init__()
         self.components, self.inner = config.components, config.inner
         self.backbone = backbone
         self.names = adapted_names(backbone)
         params = dict(backbone.named_parameters())
         if not self.components.learn_init:
-            for name in self.names:
-                params[name].requires_grad_(False)
+            for name, param in params.items():
+                if not is_meta_only(name):
+                    param.requires_grad_(False)
         self.loss = TaskAdaptiveLoss(config.data.ways, self.components.film) if self.components.learned_loss \
             else None
         self.lrs = nn.ParameterList(
             nn.Parameter(torch.full_like(params[n], self.inner.lr)) for n in self.names
         ) if self.components.learned_inner_lr else None
 
-    def support_loss(self, params: dict[str, torch.Tensor], episode: Episode,
-                     transductive_x: torch.Tensor | None) -> torch.Tensor:
-        logits = functional_call(self.backbone, params, (episode.support_x,))
+    def logits(self, params: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+        """The backbone's logits on trunk `features` with the adapted parameters `params`."""
+        return functional_call(self.backbone, params, (features, True))
+
+    def inner_loss(self, params: dict[str, torch.Tensor], episode: Episode,
+                   features: EpisodeFeatures) -> torch.Tensor:
+        """The loss the inner loop descends: cross-entropy on the support, or the task-adaptive loss."""
+        logits = self.logits(params, features.inner)
         if self.loss is None:
             return F.cross_entropy(logits, episode.support_y)
-        query_logits = functional_call(self.backbone, params, (transductive_x,))
-        return self.loss(logits, episode.support_y, query_logits, list(params.values()))
+        support = len(episode.support_y)
+        return self.loss(logits[:support], episode.support_y, logits[support:], list(params.values()))
 
     def transductive_x(self, episode: Episode) -> torch.Tensor:
         """The first `inner.transductive_shots` query examples of each class (the query is class-major)."""
@@ -78,19 +94,32 @@ class NPBML(nn.Module):
         per_class = episode.query_x.reshape(ways, -1, *episode.query_x.shape[1:])
         return per_class[:, :self.inner.transductive_shots].reshape(-1, *episode.query_x.shape[1:])
 
-    def adapt(self, episode: Episode, steps: int, create_graph: bool) -> dict[str, torch.Tensor]:
+    def inner_x(self, episode: Episode) -> torch.Tensor:
+        """The inner loop's batch: the support, followed by the transductive query examples when L_Q is on."""
+        if self.loss is None:
+            return episode.support_x
+        return torch.cat((episode.support_x, self.transductive_x(episode)))
+
+    def features(self, episode: Episode, train: bool) -> EpisodeFeatures:
+        """The trunk's output, fixed in the inner loop, so computed once per episode (with a graph to the
+        trunk's parameters when training)."""
+        with torch.set_grad_enabled(train):
+            return EpisodeFeatures(self.backbone.trunk(self.inner_x(episode)), self.backbone.trunk(episode.query_x))
+
+    def adapt(self, episode: Episode, steps: int, create_graph: bool,
+              features: EpisodeFeatures | None = None) -> dict[str, torch.Tensor]:
         """`steps` of SGD (momentum, Nesterov, weight decay as configured) from the initialisation.
 
         The update runs on all tensors at once (`torch._foreach_*`, differentiable), not tensor by tensor.
         """
+        features = features or self.features(episode, train=create_graph)
         base = dict(self.backbone.named_parameters())
         params = [base[n] if base[n].requires_grad and create_graph else base[n].detach().requires_grad_()
                   for n in self.names]
-        transductive_x = self.transductive_x(episode) if self.loss is not None else None
         momentum = self.inner.momentum
         buffers: list[torch.Tensor] | None = None
         for _ in range(steps):
-            loss = self.support_loss(dict(zip(self.names, params, strict=True)), episode, transductive_x)
+            loss = self.inner_loss(dict(zip(self.names, params, strict=True)), episode, features)
             step = list(torch.autograd.grad(loss, params, create_graph=create_graph and not self.inner.first_order))
             if self.inner.weight_decay:
                 step = torch._foreach_add(step, params, alpha=self.inner.weight_decay)
@@ -105,10 +134,11 @@ class NPBML(nn.Module):
         return dict(zip(self.names, params, strict=True))
 
     def forward(self, episode: Episode, steps: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(episode, train)
         with torch.enable_grad():
-            params = self.adapt(episode, steps, create_graph=train)
+            params = self.adapt(episode, steps, create_graph=train, features=features)
         with torch.set_grad_enabled(train):
-            return query_result(functional_call(self.backbone, params, (episode.query_x,)), episode.query_y)
+            return query_result(self.logits(params, features.query), episode.query_y)
 
     def inner_lrs(self) -> torch.Tensor | None:
         return None if self.lrs is None else torch.cat([lr.detach().reshape(-1) for lr in self.lrs])
@@ -118,7 +148,7 @@ def build_learner(config: EpisodicConfig, in_shape: tuple[int, int, int]) -> nn.
     """The meta-learner `config.method` names, on the configured backbone."""
     npbml = config.method == "npbml"
     backbone = build_backbone(
-        config.model.backbone, in_shape, config.data.ways, config.model.filters,
+        config.model.backbone, in_shape, config.data.ways, config.model.filters, config.model.adapted_blocks,
         warp=npbml and config.components.warp, film=npbml and config.components.film,
     )
     if npbml:

@@ -13,6 +13,7 @@ from engine.config import build_config
 from engine.errors import ConfigError
 from npbml.backbones import adapted_names, build_backbone
 from npbml.config import EpisodicConfig
+from npbml.film import FiLM
 from npbml.learners import NPBML, build_learner
 from npbml.meta_trainer import mean_ci95
 from npbml.task_loss import TaskAdaptiveLoss, parameter_statistics
@@ -21,10 +22,11 @@ from tasks.episodes import Episode
 WAYS, SHOTS, QUERY = 5, 1, 3
 
 
-def config(**components: bool) -> EpisodicConfig:
+def config(adapted_blocks: int | None = None, first_order: bool = False, **components: bool) -> EpisodicConfig:
     return build_config(EpisodicConfig, {
-        "method": "npbml", "model": {"filters": 8}, "data": {"query": QUERY},
-        "inner": {"steps": 2, "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+        "method": "npbml", "model": {"filters": 8, "adapted_blocks": adapted_blocks}, "data": {"query": QUERY},
+        "inner": {"steps": 2, "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+                  "first_order": first_order},
         "components": components,
     })
 
@@ -68,28 +70,39 @@ def test_parameter_statistics_match_per_tensor_reductions_to_second_order() -> N
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_inner_update_is_per_tensor_nesterov_sgd() -> None:
+@pytest.mark.parametrize("adapted_blocks, learned_loss", [(None, False), (2, True)])
+def test_inner_update_is_per_tensor_nesterov_sgd(adapted_blocks: int | None, learned_loss: bool) -> None:
+    """Nesterov SGD tensor by tensor, with the loss recomputed from the images in every step, equals the
+    learner's foreach update on trunk features computed once per episode; L_Q sees the first query
+    example of each class."""
     torch.manual_seed(0)
-    learner = build_learner(config(warp=False, learned_loss=False, film=False), (1, 28, 28))
+    learner = build_learner(config(adapted_blocks, warp=False, learned_loss=learned_loss, film=False), (1, 28, 28))
     task, inner = episode(), learner.inner
-    params = {n: p.detach() for n, p in learner.backbone.named_parameters()}
+    params = {n: p.detach() for n, p in learner.backbone.named_parameters() if n in learner.names}
     buffers = {n: torch.zeros_like(p) for n, p in params.items()}
     for _ in range(2):
         params = {n: p.requires_grad_() for n, p in params.items()}
-        loss = F.cross_entropy(functional_call(learner.backbone, params, (task.support_x,)), task.support_y)
+        if learner.loss is None:
+            loss = F.cross_entropy(functional_call(learner.backbone, params, (task.support_x,)), task.support_y)
+        else:  # one pass over the support and the transductive query examples
+            batch = torch.cat((task.support_x, task.query_x.reshape(WAYS, QUERY, 1, 28, 28)[:, :1].flatten(0, 1)))
+            logits = functional_call(learner.backbone, params, (batch,))
+            loss = learner.loss(logits[:WAYS], task.support_y, logits[WAYS:], list(params.values()))
         grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
         for n, p in params.items():
             g = grads[n] + inner.weight_decay * p.detach()
             buffers[n] = inner.momentum * buffers[n] + g
             params[n] = p.detach() - inner.lr * (g + inner.momentum * buffers[n])
     adapted = learner.adapt(task, steps=2, create_graph=False)
+    assert set(adapted) == set(params)
     for n, p in params.items():
         assert torch.allclose(adapted[n], p, atol=1e-6), n
 
 
-def test_meta_gradient_reaches_every_meta_learned_parameter() -> None:
+@pytest.mark.parametrize("adapted_blocks", [None, 2])
+def test_meta_gradient_reaches_every_meta_learned_parameter(adapted_blocks: int | None) -> None:
     torch.manual_seed(0)
-    learner = build_learner(config(learned_inner_lr=True), (1, 28, 28))
+    learner = build_learner(config(adapted_blocks, learned_inner_lr=True), (1, 28, 28))
     loss, _ = learner(episode(), steps=2, train=True)
     loss.backward()
     groups = {"init": 0, "warps": 0, "film": 0, "loss": 0, "lrs": 0}
@@ -101,9 +114,10 @@ def test_meta_gradient_reaches_every_meta_learned_parameter() -> None:
     assert all(groups.values()), groups
 
 
-def test_warp_and_film_are_fixed_in_the_inner_loop() -> None:
+@pytest.mark.parametrize("adapted_blocks", [None, 2])
+def test_warp_and_film_are_fixed_in_the_inner_loop(adapted_blocks: int | None) -> None:
     torch.manual_seed(0)
-    learner = build_learner(config(), (1, 28, 28))
+    learner = build_learner(config(adapted_blocks), (1, 28, 28))
     assert isinstance(learner, NPBML)
     names = adapted_names(learner.backbone)
     assert names and not [n for n in names if "warp" in n or "film" in n]
@@ -114,6 +128,39 @@ def test_warp_and_film_are_fixed_in_the_inner_loop() -> None:
         assert torch.equal(p, before[name]), name
         if name in adapted:
             assert not torch.equal(adapted[name], p), f"{name} was not adapted"
+
+
+def test_first_order_meta_gradient_reaches_the_trunk_and_warps_but_not_the_loss() -> None:
+    torch.manual_seed(0)
+    learner = build_learner(config(2, first_order=True), (1, 28, 28))
+    loss, _ = learner(episode(), steps=2, train=True)
+    loss.backward()
+    for name, p in learner.named_parameters():
+        reached = p.grad is not None and p.grad.abs().sum() > 0
+        assert reached != name.startswith("loss."), name
+
+
+def test_only_the_top_blocks_are_adapted_warped_and_conditioned() -> None:
+    model = build_backbone("conv4", (1, 28, 28), WAYS, 8, adapted_blocks=2, warp=True, film=True)
+    assert {n.split(".")[1] for n in adapted_names(model) if n.startswith("blocks.")} == {"2", "3"}
+    assert "head.weight" in adapted_names(model)
+    assert sorted(model.warps) == ["2", "3"]
+    films = {n.split(".")[1] for n, _ in model.named_parameters() if "film" in n.split(".")}
+    assert films == {"2", "3"}
+    x = torch.rand(4, 1, 28, 28)
+    assert model.trunk(x).shape == (4, 8, 7, 7)
+    assert torch.equal(model(x), model(model.trunk(x), from_trunk=True))
+
+
+def test_film_modulates_every_example_of_the_task_alike() -> None:
+    torch.manual_seed(0)
+    film = FiLM(4, 3)
+    torch.nn.init.normal_(film.map.weight)
+    z, condition = torch.randn(2, 3, 5, 5), torch.randn(4)
+    gamma, beta = film.map(condition).split(3)
+    expected = (1 + gamma[None, :, None, None]) * z + beta[None, :, None, None]
+    assert torch.allclose(film(z, condition), expected, atol=1e-6)
+    assert torch.allclose(film(z[:, :, 0, 0], condition), expected[:, :, 0, 0], atol=1e-6)
 
 
 def test_warp_layers_start_as_identity() -> None:
@@ -156,6 +203,8 @@ def test_ci95() -> None:
     ({"method": "maml", "inner": {"momentum": 0.9}}, "plain SGD"),
     ({"method": "npbml", "data": {"ways": 1}}, "data.ways"),
     ({"method": "npbml", "components": {"warps": True}}, "did you mean 'components.warp'"),
+    ({"method": "maml", "model": {"adapted_blocks": 2}}, "NPBML option"),
+    ({"method": "npbml", "model": {"adapted_blocks": 5}}, "between 0 and 4"),
 ])
 def test_bad_config(override: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
