@@ -31,7 +31,7 @@ from adalfl.config import SingleTaskConfig
 from adalfl.loss_network import OutputWiseLoss
 from adalfl.online_step import LossFn, StepStats, online_step
 from adalfl.taylorglo import PENALTY, TaylorGLOLoss, TaylorGLOSearch
-from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.checkpoint import load_checkpoint, restoring, save_checkpoint
 from engine.device import resolve_device
 from engine.errors import ConfigError, NonFiniteError
 from engine.interrupt import StopRequest
@@ -367,7 +367,9 @@ def train(config: SingleTaskConfig, run: RunDir, data_root: Path, resume: bool) 
     """Run (or resume) a single-task experiment in `run`; writes results.json and returns it."""
     trainer = SingleTaskTrainer(config, run, data_root)
     if resume:
-        trainer.load_state_dict(load_checkpoint(run.checkpoint))
+        checkpoint = load_checkpoint(run.checkpoint)
+        with restoring(run.checkpoint):
+            trainer.load_state_dict(checkpoint)
     with StopRequest() as stop:
         if trainer.learns_loss and trainer.init_step < config.meta.init_steps:
             trainer.offline_initialisation(stop)

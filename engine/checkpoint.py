@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,4 +44,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(
             f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); it may be truncated. "
             "Delete the run folder and start again."
+        ) from None
+
+
+@contextmanager
+def restoring(path: Path) -> Iterator[None]:
+    """Around loading a checkpoint's state into the run's objects: a checkpoint that does not fit them
+    (written by another version of the code, or for another model) is a UserError, not a traceback."""
+    try:
+        yield
+    except (KeyError, RuntimeError, ValueError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"checkpoint {path} does not fit this run's model ({detail}); it was written by another version "
+            "of the code. Start the run again (without --resume, or in a new folder)."
         ) from None

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.checkpoint import load_checkpoint, restoring, save_checkpoint
 from engine.device import resolve_device
 from engine.errors import NonFiniteError
 from engine.interrupt import StopRequest
@@ -77,11 +77,12 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
     state = {"iteration": 0, "best_val": -1.0, "best_iteration": 0, "wall_time": 0.0}
     if resume and run.checkpoint.is_file():
         checkpoint = load_checkpoint(run.checkpoint)
-        learner.load_state_dict(checkpoint["learner"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        state = checkpoint["state"]
-        set_rng_state(checkpoint["rng"])
+        with restoring(run.checkpoint):
+            learner.load_state_dict(checkpoint["learner"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            state = checkpoint["state"]
+            set_rng_state(checkpoint["rng"])
 
     def save() -> None:
         save_checkpoint(run.checkpoint, {

@@ -72,6 +72,18 @@ def test_resume_replays_exactly(shared_data: Path, tmp_path: Path, monkeypatch: 
     assert results[0]["test_accuracy"] == results[1]["test_accuracy"]
 
 
+@pytest.mark.slow
+def test_checkpoint_of_another_model_is_a_clear_error(shared_data: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    code, folder = run("npbml_omniglot_5w1s.yaml", tmp_path, shared_data, "old")
+    assert code == 0
+    checkpoint = torch.load(folder / "checkpoint.pt", weights_only=False)
+    checkpoint["learner"] = {k.replace("blocks.", "units."): v for k, v in checkpoint["learner"].items()}
+    torch.save(checkpoint, folder / "checkpoint.pt")
+    assert train.main(["--resume", str(folder), "--data-root", str(shared_data)]) == 2
+    assert "does not fit this run's model" in capsys.readouterr().err
+
+
 def test_missing_data_and_bad_config_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, _ = run("npbml_omniglot_5w1s.yaml", tmp_path, tmp_path / "nowhere", "missing")
     assert code == 2 and "Omniglot not found" in capsys.readouterr().err

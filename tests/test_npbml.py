@@ -187,8 +187,10 @@ def test_meta_test_adaptation_builds_no_graph() -> None:
 
 
 def test_resnet12_runs() -> None:
-    model = build_backbone("resnet12", (3, 32, 32), WAYS, 4, warp=True, film=True)
-    assert model(torch.rand(2, 3, 32, 32)).shape == (2, WAYS)
+    model = build_backbone("resnet12", (3, 32, 32), WAYS, 4, adapted_blocks=2, warp=True, film=True)
+    x = torch.rand(2, 3, 32, 32)
+    assert model.trunk(x).shape == (2, 10, 8, 8)
+    assert model(x).shape == (2, WAYS)
 
 
 def test_ci95() -> None:
