@@ -39,10 +39,11 @@ def test_each_method_meta_trains_on_omniglot(config: str, shared_data: Path, tmp
 
 
 @pytest.mark.slow
-def test_mini_imagenet_pickles_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backbone", ["conv4", "resnet12"])
+def test_mini_imagenet_pickles_end_to_end(backbone: str, tmp_path: Path) -> None:
     write_mini_imagenet(tmp_path / "data", {"train": 6, "validation": 5, "test": 5}, per_class=5)
     code, folder = run("npbml_miniimagenet_5w5s.yaml", tmp_path / "runs", tmp_path / "data", "mini",
-                       "data.shots=1", "outer.meta_batch=1")
+                       "data.shots=1", "outer.meta_batch=1", f"model.backbone={backbone}")
     assert code == 0
     assert json.loads((folder / "results.json").read_text())["method"] == "npbml"
 
