@@ -53,9 +53,11 @@ def restoring(path: Path) -> Iterator[None]:
     (written by another version of the code, or for another model) is a UserError, not a traceback."""
     try:
         yield
+    except torch.OutOfMemoryError:
+        raise
     except (KeyError, RuntimeError, ValueError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"checkpoint {path} does not fit this run's model ({detail}); it was written by another version "
-            "of the code. Start the run again (without --resume, or in a new folder)."
-        ) from None
+            f"checkpoint {path} does not fit this run's model ({type(exc).__name__}: {detail}); it was written "
+            "by another version of the code. Start the run again (without --resume, or in a new folder)."
+        ) from exc

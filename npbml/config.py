@@ -63,7 +63,7 @@ class OuterConfig:
 class ComponentsConfig:
     """NPBML's meta-learned components, each switchable for ablations (ignored by maml / metasgd)."""
 
-    learn_init: bool = True  # meta-learned initialisation (MAML)
+    learn_init: bool = True  # meta-learned initialisation (MAML) of the whole backbone, trunk included
     warp: bool = True  # warp (preconditioning) layers: the meta-learned optimizer
     learned_inner_lr: bool = False  # per-parameter inner learning rates (Meta-SGD) on top
     learned_loss: bool = True  # task-adaptive loss CE + L_S + L_Q + R
@@ -130,6 +130,11 @@ class EpisodicConfig:
                 raise ConfigError(
                     f"model.adapted_blocks = {self.model.adapted_blocks} must be between 0 and {BLOCKS} (or null)"
                 )
+        if self.model.adapted_blocks == 0 and self.method == "npbml" and self.components.warp:
+            raise ConfigError(
+                "model.adapted_blocks = 0 adapts only the head, and warp layers sit after adapted blocks: "
+                "set components.warp=false or model.adapted_blocks >= 1"
+            )
         if self.inner.transductive_shots > self.data.query:
             raise ConfigError(
                 f"inner.transductive_shots = {self.inner.transductive_shots} exceeds data.query = {self.data.query}"

@@ -22,7 +22,7 @@ from tasks.episodes import Episode
 WAYS, SHOTS, QUERY = 5, 1, 3
 
 
-def config(adapted_blocks: int | None = None, first_order: bool = False, **components: bool) -> EpisodicConfig:
+def config(adapted_blocks: int | None = 2, first_order: bool = False, **components: bool) -> EpisodicConfig:
     return build_config(EpisodicConfig, {
         "method": "npbml", "model": {"filters": 8, "adapted_blocks": adapted_blocks}, "data": {"query": QUERY},
         "inner": {"steps": 2, "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
@@ -172,8 +172,9 @@ def test_warp_layers_start_as_identity() -> None:
     assert torch.allclose(with_warp(x), plain(x), atol=1e-5)
 
 
-def test_ablation_without_learned_init_freezes_the_initialisation() -> None:
-    learner = build_learner(config(learn_init=False, learned_loss=False, film=False), (1, 28, 28))
+@pytest.mark.parametrize("adapted_blocks", [None, 2])
+def test_ablation_without_learned_init_freezes_the_initialisation(adapted_blocks: int | None) -> None:
+    learner = build_learner(config(adapted_blocks, learn_init=False, learned_loss=False, film=False), (1, 28, 28))
     loss, _ = learner(episode(), steps=2, train=True)
     loss.backward()
     trainable = [n for n, p in learner.named_parameters() if p.requires_grad]
@@ -207,6 +208,7 @@ def test_ci95() -> None:
     ({"method": "npbml", "components": {"warps": True}}, "did you mean 'components.warp'"),
     ({"method": "maml", "model": {"adapted_blocks": 2}}, "NPBML option"),
     ({"method": "npbml", "model": {"adapted_blocks": 5}}, "between 0 and 4"),
+    ({"method": "npbml", "model": {"adapted_blocks": 0}}, "adapts only the head"),
 ])
 def test_bad_config(override: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
