@@ -3,7 +3,8 @@
 `L2LLearner` runs MAML / Meta-SGD through learn2learn (`clone()`, `adapt()`); `NPBML` is a
 functional inner loop (torch.func.functional_call over a dict of the adapted parameters) with
 the meta-learned initialisation, warp layers, learned inner learning rates, task-adaptive loss
-and FiLM each switchable. Training unrolls with a graph (second order unless `first_order`);
+and FiLM each switchable; the backbone's trunk (the blocks the inner loop does not adapt) runs once
+per episode. Training unrolls with a graph (second order unless `first_order`);
 meta-validation/test adapts without one.
 """
 
@@ -112,7 +113,8 @@ class NPBML(nn.Module):
 
         The update runs on all tensors at once (`torch._foreach_*`, differentiable), not tensor by tensor.
         """
-        features = features or self.features(episode, train=create_graph)
+        if features is None:
+            features = self.features(episode, train=create_graph)
         base = dict(self.backbone.named_parameters())
         params = [base[n] if base[n].requires_grad and create_graph else base[n].detach().requires_grad_()
                   for n in self.names]
