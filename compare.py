@@ -2,14 +2,21 @@
 
     python compare.py --config configs/adalfl_mnist.yaml --methods ce label_smoothing ml3 adalfl \\
         --seeds 0 1 2 3 4 --out runs/grid_mnist --set train.steps=2000 --set meta.init_steps=500
+    python compare.py --config configs/adalfl_mnist.yaml --methods ce adalfl --seeds 0 1 2 \\
+        --sweep optimizer.lr=0.01,0.03,0.1,0.3 --out runs/grid_mnist_tuned --jobs 2
     python compare.py --out runs/grid_mnist --summary-only      # tables and figures of finished cells
 
-Each cell is the run folder <out>/<method>-seed<k>, made with `--set method=<method> --set seed=<k>` on top
+Each cell is the run folder <out>/<label>-seed<k>, made with `--set method=<method> --set seed=<k>` on top
 of the base config and the --set overrides. A cell with results.json is skipped, one with a checkpoint but
 no results is resumed, any other is started. A method may also be given as LABEL=CONFIG.yaml to run another
-config (e.g. an NPBML ablation) under that label. Then <out> gets summary.csv and summary.md (mean and std
-of the final test metric per method over seeds, with their number, and the mean 95% CI where the runs report
-one) and PNG figures: learning_curves.png, readouts.png, loss_evolution_<method>.png, accuracy.png.
+config (e.g. an NPBML ablation) under that label, or as LABEL=METHOD,KEY=VALUE,... to run a method with
+overrides of its own (an ablation variant). With --sweep KEY=V1,V2,..., the first method (the baseline) runs
+at every value (cells <baseline>@KEY=V-seed<k>), the value with the lowest mean final validation metric over
+the seeds is chosen (sweep.json), and the other methods run at that value unless their label sets KEY itself.
+Then <out> gets summary.csv and summary.md (mean and std of the final test metric per method over seeds, with
+their number, and the mean 95% CI where the runs report one) and PNG figures: learning_curves.png,
+readouts.png, loss_evolution_<label>.png, accuracy.png. --jobs N runs N cells at once as separate processes
+(each with cores / N threads, its output in <out>/logs/).
 """
 
 from __future__ import annotations
@@ -17,9 +24,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import os
 import statistics
+import subprocess
 import sys
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +40,19 @@ from engine.run_dir import RunDir
 
 FINAL_METRICS = ("test_error", "test_mse", "test_accuracy")  # the first one a results.json holds is reported
 METHOD_ORDER = ("ce", "mse", "label_smoothing", "taylorglo", "ml3", "adalfl")
+SWEEP_FILE = "sweep.json"
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One (method, seed) run of the grid; `config` is the method's own config when given as LABEL=CONFIG."""
+    """One (label, seed) run of the grid: `config` is the method's own config when given as LABEL=CONFIG;
+    `sets` are the label's own overrides (method=..., variant and sweep settings)."""
 
     label: str
     seed: int
     config: Path
     own_config: bool
+    sets: tuple[str, ...] = ()
 
     def run_dir(self, out: Path) -> RunDir:
         return RunDir(out / f"{self.label}-seed{self.seed}")
@@ -47,42 +61,120 @@ class Cell:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="base YAML config every cell starts from")
-    parser.add_argument("--methods", nargs="+", default=[], help="methods (or LABEL=CONFIG.yaml) to compare")
+    parser.add_argument("--methods", nargs="+", default=[],
+                        help="methods, LABEL=CONFIG.yaml or LABEL=METHOD,KEY=VALUE,... to compare")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of each method")
     parser.add_argument("--out", type=Path, required=True, help="grid folder: one run folder per cell, summaries")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a base config value in every cell (repeatable)")
+    parser.add_argument("--sweep", metavar="KEY=V1,V2,...",
+                        help="tune KEY for the first method on validation, then run the others at the chosen value")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process")
     parser.add_argument("--data-root", help="folder holding the data sets (as for train.py)")
     parser.add_argument("--summary-only", action="store_true", help="run nothing; summarise the cells in --out")
     args = parser.parse_args(argv)
     if not args.summary_only and (args.config is None or not args.methods):
         parser.error("give --config and --methods to run a grid, or --summary-only to summarise one")
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs} must be at least 1")
+    if args.sweep is not None:
+        key, _, values = args.sweep.partition("=")
+        if not key or not values:
+            parser.error(f"--sweep {args.sweep!r} must look like KEY=V1,V2,... (e.g. optimizer.lr=0.01,0.03,0.1)")
+        args.sweep = (key, values.split(","))
     return args
 
 
+def method_cells(spec: str, config: Path, seeds: list[int]) -> list[Cell]:
+    """The cells of one --methods entry: METHOD, LABEL=CONFIG.yaml or LABEL=METHOD,KEY=VALUE,..."""
+    label, _, own = spec.partition("=")
+    if own.endswith((".yaml", ".yml")):
+        return [Cell(label, seed, Path(own), True) for seed in seeds]
+    method, *sets = own.split(",") if own else [label]
+    return [Cell(label, seed, config, False, (f"method={method}", *sets)) for seed in seeds]
+
+
 def grid_cells(config: Path, methods: list[str], seeds: list[int]) -> list[Cell]:
-    cells = []
-    for method in methods:
-        label, _, own = method.partition("=")
-        cells += [Cell(label, seed, Path(own) if own else config, bool(own)) for seed in seeds]
-    return cells
+    return [cell for spec in methods for cell in method_cells(spec, config, seeds)]
 
 
-def run_cell(cell: Cell, out: Path, overrides: list[str], data_root: str | None) -> int:
-    """Skip a finished cell, resume a started one, start a new one; returns train.py's exit code."""
+def sweep_cells(baseline: list[Cell], key: str, values: list[str]) -> dict[str, list[Cell]]:
+    """The baseline's cells at each swept value, labelled <baseline>@KEY=VALUE."""
+    return {v: [replace(c, label=f"{c.label}@{key}={v}", sets=(*c.sets, f"{key}={v}")) for c in baseline]
+            for v in values}
+
+
+def cell_arguments(cell: Cell, out: Path, overrides: list[str], data_root: str | None) -> list[str]:
+    """train.py's arguments for `cell`: resume a started cell, else start it."""
     run = cell.run_dir(out)
     data = ["--data-root", data_root] if data_root else []
+    if run.checkpoint.is_file():
+        return ["--resume", str(run.path), *data]
+    sets = [f"name={run.path.name}", f"seed={cell.seed}", *overrides, *cell.sets]  # the cell's own settings win
+    return ["--config", str(cell.config), "--runs-root", str(out), *data,
+            *(arg for s in sets for arg in ("--set", s))]
+
+
+def run_cell(cell: Cell, out: Path, overrides: list[str], data_root: str | None, jobs: int = 1) -> int:
+    """Skip a finished cell, resume a started one, start a new one; returns train.py's exit code. With
+    jobs > 1 the cell runs in its own process with cores / jobs threads, its output in <out>/logs/."""
+    run = cell.run_dir(out)
     if run.results.is_file():
         print(f"[grid] {run.path.name}: finished, skipped")
         return 0
-    if run.checkpoint.is_file():
-        print(f"[grid] {run.path.name}: resuming")
-        return train.main(["--resume", str(run.path), *data])
-    print(f"[grid] {run.path.name}: starting")
-    sets = [f"name={run.path.name}", f"seed={cell.seed}", *([] if cell.own_config else [f"method={cell.label}"])]
-    sets += overrides
-    return train.main(["--config", str(cell.config), "--runs-root", str(out), *data,
-                       *(arg for s in sets for arg in ("--set", s))])
+    print(f"[grid] {run.path.name}: {'resuming' if run.checkpoint.is_file() else 'starting'}", flush=True)
+    arguments = cell_arguments(cell, out, overrides, data_root)
+    if jobs == 1:
+        return train.main(arguments)
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    (out / "logs").mkdir(exist_ok=True)
+    with (out / "logs" / f"{run.path.name}.log").open("a") as log:
+        code = subprocess.call([sys.executable, str(Path(train.__file__).resolve()), *arguments],
+                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": threads})
+    print(f"[grid] {run.path.name}: {'done' if code == 0 else f'exit code {code}'}", flush=True)
+    return code
+
+
+def run_cells(cells: list[Cell], args: argparse.Namespace) -> list[tuple[Cell, int]]:
+    """Run `cells`, `args.jobs` at a time; (cell, exit code) for each."""
+    def one(cell: Cell) -> int:
+        return run_cell(cell, args.out, args.overrides, args.data_root, args.jobs)
+
+    if args.jobs == 1:
+        codes = []
+        for cell in cells:
+            codes.append(one(cell))
+            if codes[-1] == 130:
+                break
+        return list(zip(cells, codes))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        return list(zip(cells, pool.map(one, cells)))
+
+
+def final_validation(cells: list[Cell], out: Path) -> float:
+    """Mean final validation metric of `cells` (lower is better); inf when a cell has no results (diverged)."""
+    values = []
+    for cell in cells:
+        results = cell.run_dir(out).results
+        if not results.is_file():
+            return math.inf
+        record = json.loads(results.read_text())
+        key = next(k for k in ("val_error", "val_mse") if k in record)
+        values.append(record[key])
+    return statistics.fmean(values)
+
+
+def choose_swept_value(swept: dict[str, list[Cell]], key: str, out: Path) -> str:
+    """The swept value with the lowest mean final validation metric; recorded in <out>/sweep.json."""
+    scores = {value: final_validation(cells, out) for value, cells in swept.items()}
+    chosen = min(scores, key=lambda v: scores[v])
+    if math.isinf(scores[chosen]):
+        raise RuntimeError(f"no value of {key} finished on every seed; nothing to choose from")
+    record = {"key": key, "baseline": next(iter(swept.values()))[0].label.split("@")[0], "chosen": chosen,
+              "criterion": "lowest mean final validation metric over the seeds",
+              "mean_val": {v: (None if math.isinf(m) else m) for v, m in scores.items()}}
+    (out / SWEEP_FILE).write_text(json.dumps(record, indent=1))
+    return chosen
 
 
 def load_results(out: Path) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
@@ -124,7 +216,13 @@ def write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| method | metric | seeds (n) | mean | std | mean 95% CI |", "|---|---|---|---|---|---|"]
+    lines = []
+    if (out / SWEEP_FILE).is_file():
+        sweep = json.loads((out / SWEEP_FILE).read_text())
+        scores = ", ".join(f"{v}: {'diverged' if m is None else f'{m:.4f}'}" for v, m in sweep["mean_val"].items())
+        lines += [f"{sweep['baseline']} tuned over {sweep['key']} by the {sweep['criterion']} ({scores}): "
+                  f"**{sweep['key']} = {sweep['chosen']}**; the other methods ran at that value.", ""]
+    lines += ["| method | metric | seeds (n) | mean | std | mean 95% CI |", "|---|---|---|---|---|---|"]
     for r in rows:
         ci = f"+- {r['ci95']:.4f}" if r["ci95"] is not None else ""
         lines.append(f"| {r['method']} | {r['metric']} | {r['n']} | {r['mean']:.4f} | {r['std']:.4f} | {ci} |")
@@ -176,13 +274,28 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     if not args.summary_only:
         args.out.mkdir(parents=True, exist_ok=True)
-        for cell in grid_cells(args.config, args.methods, args.seeds):
-            code = run_cell(cell, args.out, args.overrides, args.data_root)
-            if code == 130:
+        cells = grid_cells(args.config, args.methods, args.seeds)
+        if args.sweep is not None:
+            key, values = args.sweep
+            baseline = method_cells(args.methods[0], args.config, args.seeds)
+            swept = sweep_cells(baseline, key, values)
+            done = run_cells([c for group in swept.values() for c in group], args)
+            if any(code == 130 for _, code in done):
                 print("[grid] interrupted; run the same command again to continue the grid", file=sys.stderr)
                 return 130
-            if code != 0:
-                failed.append(cell.run_dir(args.out).path.name)
+            failed += [cell.run_dir(args.out).path.name for cell, code in done if code != 0]
+            try:
+                chosen = choose_swept_value(swept, key, args.out)
+            except RuntimeError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            print(f"[grid] {key} = {chosen} chosen for {baseline[0].label} on validation", flush=True)
+            cells = [replace(c, sets=(f"{key}={chosen}", *c.sets)) for c in cells[len(baseline):]]
+        done = run_cells(cells, args)
+        if any(code == 130 for _, code in done):
+            print("[grid] interrupted; run the same command again to continue the grid", file=sys.stderr)
+            return 130
+        failed += [cell.run_dir(args.out).path.name for cell, code in done if code != 0]
     try:
         summarise(args.out)
     except FileNotFoundError as exc:

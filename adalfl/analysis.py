@@ -44,10 +44,13 @@ def argmin_prediction(shape: dict[str, list[float]], target: str = "y=1") -> flo
     return shape["prediction"][int(values.argmin())]
 
 
-def gradient_norm_ratio(model: nn.Module, loss: LossFn, reference: LossFn, batch: Batch) -> float:
-    """||grad_theta loss|| / ||grad_theta reference|| on `batch` at the model's current parameters.
+def gradient_norm_ratio(
+    model: nn.Module, loss: LossFn, reference: LossFn, batch: Batch, max_grad_ratio: float | None = None
+) -> float:
+    """||grad_theta loss|| / ||grad_theta reference|| on `batch` at the model's current parameters, for the
+    step as taken: with `max_grad_ratio`, the loss's gradient scaled by the bound online_step applies.
 
-    One extra forward and two backward passes; the model's .grad, batch-norm running statistics and the
+    One extra forward and a few backward passes; the model's .grad, batch-norm running statistics and the
     global random state (dropout) are left as they were, so a run with readouts trains exactly as one without.
     """
     inputs, targets = batch
@@ -55,11 +58,16 @@ def gradient_norm_ratio(model: nn.Module, loss: LossFn, reference: LossFn, batch
     devices = [torch.cuda.current_device()] if inputs.is_cuda else []
     with torch.random.fork_rng(devices=devices), batch_statistics_only(model):
         outputs = model(inputs)
+    leaf = outputs.detach().requires_grad_()
+    output_grads = [torch.autograd.grad(fn(leaf, targets), leaf)[0] for fn in (loss, reference)]
+    scale = 1.0
+    if max_grad_ratio is not None:
+        scale = min(1.0, max_grad_ratio * output_grads[1].norm().item() / max(output_grads[0].norm().item(), 1e-30))
     norms = []
-    for fn in (loss, reference):
-        grads = torch.autograd.grad(fn(outputs, targets), params, retain_graph=True)
+    for grad in output_grads:
+        grads = torch.autograd.grad(outputs, params, grad, retain_graph=True)
         norms.append(torch.sqrt(sum(g.pow(2).sum() for g in grads)).item())
-    return norms[0] / norms[1] if norms[1] > 0 else float("nan")
+    return scale * norms[0] / norms[1] if norms[1] > 0 else float("nan")
 
 
 def loss_shape_figure(shape: dict[str, list[float]], title: str) -> Figure:

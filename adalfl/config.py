@@ -48,6 +48,8 @@ class OptimizerConfig:
     weight_decay: float = 5e-4
     milestones: list[int] = field(default_factory=lambda: [100_000, 135_000])
     lr_decay: float = 0.1
+    # a finished run (folder or results.json): multiply the lr by its learned loss's gradient-norm ratios
+    lr_multipliers_from: str | None = None
 
     def __post_init__(self) -> None:
         require(self.lr > 0, f"optimizer.lr = {self.lr} must be positive")
@@ -77,15 +79,24 @@ class LossNetworkConfig:
 
 @dataclass
 class MetaConfig:
+    """How the loss network is learned (ml3, adalfl); README "AdaLFL: what the defaults are and why"."""
+
     lr: float = 1e-3  # Adam on the loss network
-    init_steps: int = 2_500  # phase 1 (offline initialisation) meta steps
+    init_steps: int = 300  # phase 1 (offline initialisation) meta steps (the paper: 2,500; README)
     reset_period: int = 1  # phase 1 re-initialises the base model every this many meta steps
-    batch_source: Literal["validation", "train"] = "validation"  # where meta batches come from
+    # where meta batches come from: the validation split, another training batch, or the step's own batch
+    batch_source: Literal["validation", "train", "same"] = "same"
+    loss_form: Literal["network", "residual"] = "residual"  # residual: task loss + network starting at zero
+    max_grad_ratio: float | None = 2.0  # bound on the step's output-gradient norm over the task loss's
+    clip_grad_norm: float | None = None  # clip the meta-gradient's norm
 
     def __post_init__(self) -> None:
         require(self.lr > 0, f"meta.lr = {self.lr} must be positive")
         require(self.init_steps >= 0, f"meta.init_steps = {self.init_steps} must be at least 0")
         require(self.reset_period >= 1, f"meta.reset_period = {self.reset_period} must be at least 1")
+        for key in ("max_grad_ratio", "clip_grad_norm"):
+            value = getattr(self, key)
+            require(value is None or value > 0, f"meta.{key} = {value} must be positive (or null for none)")
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 `LossMLP` is the network itself (also the building block of NPBML's task-adaptive loss);
 `OutputWiseLoss` is AdaLFL's M_phi(y, f(x)) = mean over the batch and the C outputs of
-l_phi(y_i, f(x)_i), evaluated in one vectorised call on a (batch * C, 2) tensor.
+l_phi(y_i, f(x)_i), evaluated in one vectorised call on a (batch * C, 2) tensor. In the residual form,
+l_phi(y_i, p_i) = t(y_i, p_i) + n_phi(y_i, p_i): the task loss's own output-wise term t (cross-entropy's
+-C y log p, squared error's (y - p)^2) plus a network whose output layer starts at zero, so the learned
+loss starts as the task loss (as the authors' NPBML code builds its learned loss).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class LossMLP(nn.Module):
         hidden_activation: Callable[[], nn.Module],
         output_activation: nn.Module | None = None,
         init_std: float | None = None,
+        zero_output: bool = False,
     ) -> None:
         super().__init__()
         sizes = [in_features, *hidden, 1]
@@ -51,6 +55,9 @@ class LossMLP(nn.Module):
             for layer in self.layers:
                 nn.init.normal_(layer.weight, 0.0, init_std)
                 nn.init.zeros_(layer.bias)
+        if zero_output:
+            nn.init.zeros_(self.layers[-1].weight)
+            nn.init.zeros_(self.layers[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer, activation in zip(self.layers[:-1], self.activations, strict=True):
@@ -63,8 +70,12 @@ class OutputWiseLoss(nn.Module):
 
     `prediction` maps the model's raw outputs to the loss's inputs: softmax probabilities for
     multi-class classification, a sigmoid for a single binary output, the raw value for regression.
-    Integer class targets are one-hot encoded here.
+    Integer class targets are one-hot encoded here. With `residual`, l_phi adds the task loss's own
+    output-wise term (see the module docstring); `num_outputs` (C) scales cross-entropy's term so that
+    the mean over outputs is cross-entropy itself.
     """
+
+    residual = False
 
     def __init__(
         self,
@@ -72,10 +83,12 @@ class OutputWiseLoss(nn.Module):
         beta: float = 2.0,
         gamma: float = 0.25,
         prediction: Prediction = "softmax",
+        residual: bool = False,
+        num_outputs: int = 1,
     ) -> None:
         super().__init__()
-        self.prediction = prediction
-        self.net = LossMLP(2, hidden, lambda: SmoothLeakyReLU(beta, gamma))
+        self.prediction, self.residual, self.num_outputs = prediction, residual, num_outputs
+        self.net = LossMLP(2, hidden, lambda: SmoothLeakyReLU(beta, gamma), zero_output=residual)
 
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:
         """The model outputs as the loss sees them (probabilities or raw values)."""
@@ -85,15 +98,34 @@ class OutputWiseLoss(nn.Module):
             return outputs.sigmoid()
         return outputs
 
-    def pointwise(self, target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    def task_term(
+        self, target: torch.Tensor, prediction: torch.Tensor, log_prediction: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The task loss's output-wise term t(y, p), whose mean over outputs is the task loss; for
+        classification, `log_prediction` (log-softmax of the logits) keeps it stable where p underflows."""
+        target = target.to(prediction.dtype)
+        if self.prediction == "identity":
+            return (prediction - target).pow(2)
+        if log_prediction is None:
+            log_prediction = prediction.clamp_min(1e-12).log()
+        if self.prediction == "softmax":
+            return -self.num_outputs * target * log_prediction
+        return -(target * log_prediction + (1 - target) * torch.log1p(-prediction.clamp_max(1 - 1e-7)))
+
+    def pointwise(
+        self, target: torch.Tensor, prediction: torch.Tensor, log_prediction: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """l_phi(y, p) for tensors of equal shape, element by element."""
         pairs = torch.stack((target.to(prediction.dtype), prediction), dim=-1)
-        return self.net(pairs.reshape(-1, 2)).reshape(prediction.shape)
+        value = self.net(pairs.reshape(-1, 2)).reshape(prediction.shape)
+        if self.residual:
+            value = value + self.task_term(target, prediction, log_prediction)
+        return value
 
     def forward(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         outputs = outputs.reshape(outputs.shape[0], -1)
         if target.dtype in (torch.int64, torch.int32) and self.prediction == "softmax":
             target = F.one_hot(target, outputs.shape[1])
         target = target.reshape(outputs.shape)
-        return self.pointwise(target, self.predict(outputs)).mean()
-
+        log_prediction = outputs.log_softmax(dim=-1) if self.residual and self.prediction == "softmax" else None
+        return self.pointwise(target, self.predict(outputs), log_prediction).mean()

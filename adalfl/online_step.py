@@ -15,6 +15,12 @@ with v = grad L(theta') and u one forward-mode product (dual tensors of torch.au
 of the model at the old parameters, in train mode with batch statistics and the same dropout
 masks as the real forward.
 The virtual step IS the real step: nothing is computed twice.
+
+With `max_grad_ratio = r` the step's output gradient g = dM_phi/dz is bounded in scale by the task
+loss's: it becomes s * g with s = min(1, r * |dL_task/dz| / |g|) (norms over the batch's outputs), so
+the learned loss may steepen the step at most r times beyond the task loss's while its shape adapts
+freely. s depends on phi through |g|, and the meta-gradient differentiates through it: it is the exact
+one-step meta-gradient of the bounded step.
 """
 
 from __future__ import annotations
@@ -117,11 +123,14 @@ def online_step(
     step: int,
     meta: tuple[nn.Module, torch.optim.Optimizer, Batch] | None = None,
     advice: str = "lower the learning rates",
+    max_grad_ratio: float | None = None,
+    meta_clip: float | None = None,
 ) -> StepStats:
     """Step `model` with `loss_fn` on `batch`; with `meta = (loss_net, meta_optimizer, meta_batch)`
-    also update the loss network by the one-step meta-gradient of `task_loss` on `meta_batch`. A non-finite loss
-    (checked before the model steps) or meta-gradient (before the loss network steps) raises
-    NonFiniteError."""
+    also update the loss network by the one-step meta-gradient of `task_loss` on `meta_batch`, its norm
+    clipped to `meta_clip` when given. `max_grad_ratio` bounds the step's scale (module docstring). A
+    non-finite loss (checked before the model steps) or meta-gradient (before the loss network steps)
+    raises NonFiniteError."""
     inputs, targets = batch
     device = inputs.device
     model.train()
@@ -135,12 +144,21 @@ def online_step(
     _check_finite(loss.detach(), "the training loss", step, advice)
     (dloss_doutputs,) = torch.autograd.grad(loss, outputs_leaf, create_graph=meta is not None)
     coefficient = sgd_gradient_coefficient(optimizer)
+    if task_loss is loss_fn:
+        batch_task_loss = loss.detach()
+    elif max_grad_ratio is None:
+        with torch.no_grad():
+            batch_task_loss = task_loss(outputs_leaf, targets)
+    else:
+        batch_task_loss = task_loss(outputs_leaf, targets)
+        (dtask_doutputs,) = torch.autograd.grad(batch_task_loss, outputs_leaf)
+        bound = max_grad_ratio * dtask_doutputs.norm() / dloss_doutputs.norm().clamp_min(1e-30)
+        dloss_doutputs = dloss_doutputs * bound.clamp(max=1.0)
+        batch_task_loss = batch_task_loss.detach()
 
     optimizer.zero_grad(set_to_none=True)
     outputs.backward(dloss_doutputs.detach())
     optimizer.step()
-    with torch.no_grad():
-        batch_task_loss = loss if task_loss is loss_fn else task_loss(outputs_leaf, targets)
     stats = StepStats(train_loss=loss.item(), task_loss=batch_task_loss.item())
     if meta is None:
         return stats
@@ -154,7 +172,8 @@ def online_step(
     meta_objective = -coefficient * (output_tangent * dloss_doutputs).sum()
     meta_optimizer.zero_grad(set_to_none=True)
     meta_objective.backward()
-    grad_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in loss_net.parameters() if p.grad is not None))
+    grads = [p for p in loss_net.parameters() if p.grad is not None]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, meta_clip if meta_clip is not None else math.inf))
     if not math.isfinite(grad_norm):
         raise NonFiniteError(f"the meta-gradient of the learned loss became non-finite at step {step}; {advice}")
     meta_optimizer.step()

@@ -41,7 +41,9 @@ class TaylorGLOLoss(OutputWiseLoss):
         self.prediction = prediction
         self.theta = nn.Parameter(torch.as_tensor(np.asarray(theta), dtype=torch.float32), requires_grad=False)
 
-    def pointwise(self, target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    def pointwise(
+        self, target: torch.Tensor, prediction: torch.Tensor, log_prediction: torch.Tensor | None = None
+    ) -> torch.Tensor:
         t = self.theta.to(prediction.dtype)
         dy, dp = target.to(prediction.dtype) - t[0], prediction - t[1]
         f = (

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from adalfl.analysis import argmin_prediction, gradient_norm_ratio, loss_shape, loss_shape_figure
 from adalfl.config import SingleTaskConfig
+from adalfl.implied_schedule import load_implied_schedule
 from adalfl.loss_network import OutputWiseLoss
 from adalfl.online_step import LossFn, StepStats, online_step
 from adalfl.taylorglo import PENALTY, TaylorGLOLoss, TaylorGLOSearch
@@ -77,6 +78,8 @@ class SingleTaskTrainer:
                 beta=config.loss_network.beta,
                 gamma=config.loss_network.gamma,
                 prediction=self.prediction,
+                residual=config.meta.loss_form == "residual",
+                num_outputs=self.task.num_outputs,
             ).to(self.device)
             self.meta_optimizer = torch.optim.Adam(self.loss_net.parameters(), lr=config.meta.lr)
         self.search: TaylorGLOSearch | None = None
@@ -106,8 +109,9 @@ class SingleTaskTrainer:
                               "regression: use mse")
 
     # ----- building blocks -------------------------------------------------------------------
-    def _fresh_base(self, stream: int) -> tuple[nn.Module, torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
-        """A newly initialised base model (seeded by `stream`), its SGD optimizer and schedule."""
+    def _fresh_base(self, stream: int) -> tuple[nn.Module, torch.optim.SGD, torch.optim.lr_scheduler.LRScheduler]:
+        """A newly initialised base model (seeded by `stream`), its SGD optimizer and schedule (for the trained
+        model, stream 0, the schedule an earlier run's learned loss implied when optimizer.lr_multipliers_from)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed * 1_000_003 + stream)
             model = build_model(self.config.model.name, self.task.input_shape, self.task.num_outputs)
@@ -117,6 +121,9 @@ class SingleTaskTrainer:
             model.parameters(), lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
             weight_decay=opt.weight_decay,
         )
+        if opt.lr_multipliers_from is not None and stream == 0:
+            schedule = load_implied_schedule(opt.lr_multipliers_from, opt.milestones, opt.lr_decay)
+            return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, opt.milestones, gamma=opt.lr_decay)
         return model, optimizer, scheduler
 
@@ -128,8 +135,16 @@ class SingleTaskTrainer:
         generator = step_generator(self.config.seed, step, stream) if split == "train" else None
         return self.task.batch(split, indices, generator, device=self.device)
 
-    def _meta_split(self) -> str:
-        return "val" if self.config.meta.batch_source == "validation" else "train"
+    def _meta_batch(self, batch: tuple[torch.Tensor, torch.Tensor], step: int, stream: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The meta batch for the step taken on `batch`, from `meta.batch_source`."""
+        source = self.config.meta.batch_source
+        if source == "same":
+            return batch
+        return self._batch("val" if source == "validation" else "train", step, stream)
+
+    def _learned_step_options(self) -> dict[str, float | None]:
+        return {"max_grad_ratio": self.config.meta.max_grad_ratio, "meta_clip": self.config.meta.clip_grad_norm}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
@@ -218,7 +233,8 @@ class SingleTaskTrainer:
         batch = self._batch("train", self.step - 1, TRAIN_STREAM)
         record = {
             "step": self.step,
-            "grad_norm_ratio": gradient_norm_ratio(self.model, self.loss_net, self.task_loss, batch),
+            "grad_norm_ratio": gradient_norm_ratio(self.model, self.loss_net, self.task_loss, batch,
+                                                   self._learned_step_options()["max_grad_ratio"]),
             "argmin_p_y1": argmin_prediction(loss_shape(self.loss_net)),
         }
         self.readouts.append(record)
@@ -247,12 +263,12 @@ class SingleTaskTrainer:
                 if self.init_model is None or self.init_step % meta.reset_period == 0:
                     self.init_model = self._fresh_base(stream=1 + self.init_step)
                 model, optimizer, _ = self.init_model
+                batch = self._batch("train", self.init_step, INIT_TRAIN_STREAM)
+                meta_batch = self._meta_batch(batch, self.init_step, INIT_META_STREAM)
                 stats = online_step(
-                    model, self.loss_net, optimizer, self._batch("train", self.init_step, INIT_TRAIN_STREAM),
-                    self.task_loss, self.init_step,
-                    meta=(self.loss_net, self.meta_optimizer,
-                          self._batch(self._meta_split(), self.init_step, INIT_META_STREAM)),
-                    advice=self.advice,
+                    model, self.loss_net, optimizer, batch, self.task_loss, self.init_step,
+                    meta=(self.loss_net, self.meta_optimizer, meta_batch),
+                    advice=self.advice, **self._learned_step_options(),
                 )
                 self.init_step += 1
                 self.wall_time += time.perf_counter() - started
@@ -320,12 +336,14 @@ class SingleTaskTrainer:
                 self._log_loss_shape(writer, "online", 0)
             while self.step < cfg.train.steps:
                 started = time.perf_counter()
+                batch = self._batch("train", self.step, TRAIN_STREAM)
                 meta = None
                 if adapt:
-                    meta = (self.loss_net, self.meta_optimizer, self._batch(self._meta_split(), self.step, META_STREAM))
+                    meta = (self.loss_net, self.meta_optimizer, self._meta_batch(batch, self.step, META_STREAM))
+                options = self._learned_step_options() if self.loss_net is not None and self.learns_loss else {}
                 stats = online_step(
-                    self.model, loss_fn, self.optimizer, self._batch("train", self.step, TRAIN_STREAM),
-                    self.task_loss, self.step, meta=meta, advice=self.advice,
+                    self.model, loss_fn, self.optimizer, batch, self.task_loss, self.step, meta=meta,
+                    advice=self.advice, **options,
                 )
                 self.scheduler.step()
                 self.step += 1

@@ -108,3 +108,37 @@ def test_label_smoothing_zero_is_cross_entropy_and_needs_classes(tmp_path, share
     assert ls0 == ce and ls != ce
     code = run_train(tmp_path, shared_data, "mse_california", "bad", *smoothing)
     expect_error(capsys, code, "label_smoothing needs a classification", "use mse")
+
+
+def test_variant_labels_carry_their_own_overrides(tmp_path) -> None:
+    cells = compare.grid_cells(Path("base.yaml"), ["adalfl", "same=adalfl,meta.batch_source=same,seed=9"], [0])
+    assert [(c.label, c.sets) for c in cells] == [
+        ("adalfl", ("method=adalfl",)), ("same", ("method=adalfl", "meta.batch_source=same", "seed=9")),
+    ]
+    arguments = compare.cell_arguments(cells[1], tmp_path, ["meta.batch_source=validation"], None)
+    sets = [arguments[i + 1] for i, a in enumerate(arguments) if a == "--set"]
+    assert sets.index("meta.batch_source=same") > sets.index("meta.batch_source=validation")  # the cell's own win
+
+
+def test_a_swept_baseline_picks_its_value_on_validation_and_the_others_run_there(tmp_path, shared_data) -> None:
+    """mse at lr 1e-4 barely moves in 12 steps, so lr 0.03 wins on validation; adalfl then runs at 0.03,
+    two cells at a time in their own processes."""
+    out = tmp_path / "grid"
+    sets = [arg for s in TINY for arg in ("--set", s)]
+    code = compare.main([
+        "--config", "configs/adalfl_california.yaml", "--methods", "mse", "adalfl", "--seeds", "0", "1",
+        "--sweep", "optimizer.lr=0.0001,0.03", "--jobs", "2", "--out", str(out), "--data-root", str(shared_data),
+        *sets,
+    ])
+    assert code == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    val = {lr: [json.loads((out / f"mse@optimizer.lr={lr}-seed{s}" / "results.json").read_text())["val_mse"]
+                for s in (0, 1)] for lr in ("0.0001", "0.03")}
+    assert sweep["mean_val"] == {lr: pytest.approx(sum(v) / 2) for lr, v in val.items()}
+    assert sweep["chosen"] == min(val, key=lambda lr: sum(val[lr])) == "0.03"
+    for seed in (0, 1):
+        assert "lr: 0.03" in (out / f"adalfl-seed{seed}" / "config.yaml").read_text()
+        assert (out / "logs" / f"adalfl-seed{seed}.log").is_file()
+    summary = read_summary(out)
+    assert set(summary) == {"mse@optimizer.lr=0.0001", "mse@optimizer.lr=0.03", "adalfl"}
+    assert "**optimizer.lr = 0.03**" in (out / "summary.md").read_text()

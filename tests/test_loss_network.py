@@ -58,3 +58,31 @@ def test_loss_mlp_optional_normal_init() -> None:
     net = LossMLP(3, (40, 40), torch.nn.ReLU, init_std=0.01)
     assert all(layer.bias.abs().max() == 0 for layer in net.layers)
     assert 0.005 < net.layers[1].weight.std() < 0.015
+
+
+def test_residual_form_starts_as_the_task_loss_with_its_gradient() -> None:
+    torch.manual_seed(0)
+    logits, labels = torch.randn(7, 5, requires_grad=True), torch.randint(0, 5, (7,))
+    loss = OutputWiseLoss(residual=True, num_outputs=5)
+    value = loss(logits, labels)
+    torch.testing.assert_close(value, F.cross_entropy(logits, labels))
+    (grad,) = torch.autograd.grad(value, logits)
+    (expected,) = torch.autograd.grad(F.cross_entropy(logits, labels), logits)
+    torch.testing.assert_close(grad, expected)
+    outputs, targets = torch.randn(9, 1), torch.randn(9, 1)
+    regression = OutputWiseLoss(prediction="identity", residual=True)
+    torch.testing.assert_close(regression(outputs, targets), F.mse_loss(outputs, targets))
+
+
+def test_residual_form_adds_the_network_to_the_task_term_pointwise() -> None:
+    torch.manual_seed(0)
+    loss = OutputWiseLoss(residual=True, num_outputs=10)
+    with torch.no_grad():
+        loss.net.layers[-1].weight.normal_()
+    p = torch.linspace(0.05, 0.95, 7)
+    ones = torch.ones_like(p)
+    network = OutputWiseLoss(num_outputs=10)
+    network.net.load_state_dict(loss.net.state_dict())
+    torch.testing.assert_close(loss.pointwise(ones, p), network.pointwise(ones, p) - 10 * p.log())
+    torch.testing.assert_close(loss.pointwise(0 * ones, p), network.pointwise(0 * ones, p))
+    assert loss.net.layers[-1].bias.abs().max() == 0  # the network still starts at a constant zero offset

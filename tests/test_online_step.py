@@ -12,13 +12,15 @@ from adalfl.loss_network import OutputWiseLoss
 from adalfl.online_step import batch_statistics_only, online_step, sgd_gradient_coefficient
 
 
-def tiny_setup(nesterov: bool = True, dropout: float = 0.0):
+def tiny_setup(nesterov: bool = True, dropout: float = 0.0, residual: bool = False):
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3)
     ).double()
-    loss_net = OutputWiseLoss(hidden=(6, 6)).double()
+    loss_net = OutputWiseLoss(hidden=(6, 6), residual=residual, num_outputs=3).double()
     with torch.no_grad():  # a steeper loss than the default init, so the meta-gradient is far from zero
+        if residual:
+            loss_net.net.layers[-1].weight.normal_()
         for p in loss_net.parameters():
             p.mul_(4.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=5e-3)
@@ -38,32 +40,37 @@ def copy_optimizer(optimizer: torch.optim.SGD, model: nn.Module) -> torch.optim.
     return clone
 
 
-def meta_loss_after_step(model, loss_net, optimizer, batch, meta_batch) -> float:
+def meta_loss_after_step(model, loss_net, optimizer, batch, meta_batch, **options) -> float:
     """The task loss on the meta batch after one real optimizer step of copies of everything."""
     model = copy.deepcopy(model)
     optimizer_copy = copy_optimizer(optimizer, model)
     torch.manual_seed(123)
-    online_step(model, loss_net, optimizer_copy, batch, F.cross_entropy, step=0)
+    online_step(model, loss_net, optimizer_copy, batch, F.cross_entropy, step=0, **options)
     model.train()
     with torch.no_grad(), batch_statistics_only(model):
         return F.cross_entropy(model(meta_batch[0]), meta_batch[1]).item()
 
 
-def analytic_meta_gradient(model, loss_net, optimizer, batch, meta_batch) -> list[torch.Tensor]:
+def analytic_meta_gradient(model, loss_net, optimizer, batch, meta_batch, **options) -> list[torch.Tensor]:
     model, loss_net = copy.deepcopy(model), copy.deepcopy(loss_net)
     optimizer_copy = copy_optimizer(optimizer, model)
     meta_optimizer = torch.optim.SGD(loss_net.parameters(), lr=0.0)
     torch.manual_seed(123)
     online_step(model, loss_net, optimizer_copy, batch, F.cross_entropy, step=0,
-                meta=(loss_net, meta_optimizer, meta_batch))
+                meta=(loss_net, meta_optimizer, meta_batch), **options)
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in loss_net.parameters()]
 
 
-@pytest.mark.parametrize("nesterov", [True, False])
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_meta_gradient_matches_finite_differences(nesterov: bool, dropout: float) -> None:
-    model, loss_net, optimizer, batch, meta_batch = tiny_setup(nesterov, dropout)
-    grads = analytic_meta_gradient(model, loss_net, optimizer, batch, meta_batch)
+@pytest.mark.parametrize(
+    ("nesterov", "dropout", "residual", "max_grad_ratio"),
+    [(True, 0.0, False, None), (False, 0.0, False, None), (True, 0.3, False, None), (False, 0.3, False, None),
+     (True, 0.0, True, None), (True, 0.3, True, 0.5), (False, 0.0, False, 0.5)],
+)
+def test_meta_gradient_matches_finite_differences(nesterov, dropout, residual, max_grad_ratio) -> None:
+    """Also for the residual form and for a step whose scale bound is active (ratio 0.5 < the loss's)."""
+    model, loss_net, optimizer, batch, meta_batch = tiny_setup(nesterov, dropout, residual)
+    options = {"max_grad_ratio": max_grad_ratio}
+    grads = analytic_meta_gradient(model, loss_net, optimizer, batch, meta_batch, **options)
     direction = [torch.randn_like(g) for g in grads]
     eps = 1e-5
     values = []
@@ -72,7 +79,7 @@ def test_meta_gradient_matches_finite_differences(nesterov: bool, dropout: float
         with torch.no_grad():
             for p, d in zip(shifted.parameters(), direction):
                 p.add_(sign * eps * d)
-        values.append(meta_loss_after_step(model, shifted, optimizer, batch, meta_batch))
+        values.append(meta_loss_after_step(model, shifted, optimizer, batch, meta_batch, **options))
     finite_difference = (values[0] - values[1]) / (2 * eps)
     analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
     assert analytic == pytest.approx(finite_difference, rel=1e-5, abs=1e-9)
@@ -107,3 +114,36 @@ def test_gradient_coefficient_follows_the_optimizer_settings() -> None:
     assert sgd_gradient_coefficient(torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True)) == pytest.approx(0.19)
     assert sgd_gradient_coefficient(torch.optim.SGD(p, lr=0.1, momentum=0.9)) == pytest.approx(0.1)
     assert sgd_gradient_coefficient(torch.optim.SGD(p, lr=0.1)) == pytest.approx(0.1)
+
+
+def test_the_scale_bound_caps_the_step_at_the_ratio_times_the_task_loss() -> None:
+    """A loss 5x cross-entropy bounded at ratio 2 steps exactly like 2x cross-entropy; below the bound
+    (ratio 8) it is untouched."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5, dtype=torch.double), torch.randint(0, 3, (16,))
+
+    def params_after(scale: float, max_grad_ratio: float | None) -> list[torch.Tensor]:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        for _ in range(3):
+            online_step(model, lambda o, t: scale * F.cross_entropy(o, t), optimizer, (x, y), F.cross_entropy,
+                        step=0, max_grad_ratio=max_grad_ratio)
+        return [p.detach() for p in model.parameters()]
+
+    for bounded, expected in zip(params_after(5.0, 2.0), params_after(2.0, None), strict=True):
+        torch.testing.assert_close(bounded, expected)
+    for unbounded, expected in zip(params_after(5.0, 8.0), params_after(5.0, None), strict=True):
+        torch.testing.assert_close(unbounded, expected)
+
+
+def test_meta_gradient_clipping_bounds_the_loss_network_update() -> None:
+    model, loss_net, optimizer, batch, meta_batch = tiny_setup()
+    free = analytic_meta_gradient(model, loss_net, optimizer, batch, meta_batch)
+    free_norm = torch.sqrt(sum(g.pow(2).sum() for g in free)).item()
+    assert free_norm > 1e-4
+    clipped = analytic_meta_gradient(model, loss_net, optimizer, batch, meta_batch, meta_clip=free_norm / 10)
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in clipped)).item()
+    assert norm == pytest.approx(free_norm / 10, rel=1e-2)  # clip_grad_norm_ divides by norm + 1e-6
+    for a, b in zip(free, clipped, strict=True):  # same direction
+        torch.testing.assert_close(a / free_norm, b / norm)

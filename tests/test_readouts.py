@@ -26,6 +26,9 @@ def test_gradient_norm_ratio_measures_the_loss_scale_and_leaves_the_model_untouc
 
     assert gradient_norm_ratio(model, F.cross_entropy, F.cross_entropy, batch) == pytest.approx(1.0, rel=1e-6)
     assert gradient_norm_ratio(model, double_ce, F.cross_entropy, batch) == pytest.approx(2.0, rel=1e-6)
+    # the step as taken: the scale bound of online_step applies
+    assert gradient_norm_ratio(model, double_ce, F.cross_entropy, batch, 1.5) == pytest.approx(1.5, rel=1e-6)
+    assert gradient_norm_ratio(model, double_ce, F.cross_entropy, batch, 3.0) == pytest.approx(2.0, rel=1e-6)
     assert torch.equal(model[1].running_mean, running) and torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())
 

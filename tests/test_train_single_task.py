@@ -155,3 +155,15 @@ def test_a_diverging_run_stops_cleanly_and_keeps_its_last_checkpoint(tmp_path, s
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert code == 2
+
+
+def test_the_shipped_adalfl_defaults_learn_and_keep_the_loss_scale_bounded(tmp_path, shared_data) -> None:
+    """A guard against the collapse of the earlier defaults (network form, validation meta batches, no bound):
+    a short MNIST run through train.py must learn, and the learned loss's step stays within its bound."""
+    args = ["--set", "train.steps=300", "--set", "train.eval_every=300", "--set", "meta.init_steps=50",
+            "--set", "optimizer.lr=0.1", "--set", "train.eval_batch_size=2000", "--set", "device=cpu"]
+    assert run_train(tmp_path, shared_data, "adalfl_mnist", "guard", *args) == 0
+    results = json.loads((tmp_path / "guard" / "results.json").read_text())
+    assert results["test_error"] < 0.2  # chance is 0.9; the collapsed default stayed there
+    ratios = [r["grad_norm_ratio"] for r in results["readouts"]]
+    assert max(ratios) < 4.0 and min(ratios) > 0.1  # bounded at 2 in output space; parameter space may differ a little
