@@ -1,4 +1,4 @@
-"""Device selection."""
+"""Device selection and the number of CPU threads."""
 
 from __future__ import annotations
 
@@ -14,3 +14,12 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device: cuda was asked for but no CUDA GPU is visible; set device: auto or cpu")
     return torch.device(name)
+
+
+def set_threads(threads: int | None) -> None:
+    """`torch.set_num_threads(threads)`; None keeps torch's default."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ConfigError(f"threads = {threads} must be at least 1 (or null for torch's default)")
+    torch.set_num_threads(threads)

@@ -1,4 +1,5 @@
-"""From a config file (or a run folder) to a finished run: validate, create the folder, dispatch."""
+"""From a config file (or a run folder) to a finished run: validate, set the CPU threads, create the folder,
+dispatch."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import apply_override, build_config, load_yaml, to_dict
+from engine.device import set_threads
 from engine.errors import ConfigError, UserError
-from engine.run_dir import RunDir, default_run_name, existing_run_dir, new_run_dir
+from engine.run_dir import default_run_name, discard_unstarted, existing_run_dir, new_run_dir
 
 
 def trainer_families() -> list[tuple[tuple[str, ...], type, str]]:
@@ -55,7 +57,8 @@ def run_experiment(
     data_root: str | None,
     runs_root: Path,
 ) -> dict[str, Any]:
-    """Run (or continue) one experiment; returns its results."""
+    """Run (or continue) one experiment; returns its results. A new run that fails with a UserError before
+    writing anything but its config leaves no run folder."""
     if resume is not None:
         if overrides:
             raise UserError("--set cannot change a run that is being resumed; start a new run instead")
@@ -69,4 +72,11 @@ def run_experiment(
         name = config.name or default_run_name(config_path)
         run = new_run_dir(runs_root, name, to_dict(config))
     root = resolve_data_root(data_root, config.data.root)
-    return train(config, run=RunDir(run.path), data_root=root, resume=resume is not None)
+    try:
+        # getattr until adalfl/config.py's SingleTaskConfig declares `threads` as EpisodicConfig does
+        set_threads(getattr(config, "threads", None))
+        return train(config, run=run, data_root=root, resume=resume is not None)
+    except UserError:
+        if resume is None:
+            discard_unstarted(run)
+        raise

@@ -54,6 +54,13 @@ def new_run_dir(runs_root: Path, name: str, config: dict[str, Any]) -> RunDir:
     return run
 
 
+def discard_unstarted(run: RunDir) -> None:
+    """Remove a new run's folder when it holds nothing but its config.yaml (the run stopped before writing)."""
+    if run.path.is_dir() and list(run.path.iterdir()) == [run.config]:
+        run.config.unlink()
+        run.path.rmdir()
+
+
 def existing_run_dir(path: Path) -> RunDir:
     """An existing run folder to resume; it must hold config.yaml."""
     run = RunDir(path)

@@ -90,7 +90,7 @@ class EpisodicConfig:
     name: str | None = None
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = None  # torch CPU threads; null: torch's default
+    threads: int | None = None  # torch CPU threads, set for every family by engine/experiment.py; null: default
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)

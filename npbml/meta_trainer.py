@@ -23,12 +23,13 @@ from tqdm import tqdm
 from engine.checkpoint import load_checkpoint, restoring, save_checkpoint
 from engine.device import resolve_device
 from engine.errors import NonFiniteError
+from engine.hparams import log_hparams
 from engine.interrupt import StopRequest
 from engine.rng import rng_state, seed_everything, set_rng_state
 from engine.run_dir import RunDir, write_results
 from npbml.config import EpisodicConfig
 from npbml.learners import build_learner
-from tasks.episodes import Episode, EpisodeSampler, load_splits, python_random
+from tasks.episodes import Episode, EpisodeSampler, check_episodes_fit, load_splits, python_random
 
 VALIDATION_STREAM, TEST_STREAM = 1, 2
 
@@ -52,8 +53,10 @@ def evaluate(learner: nn.Module, episodes: Iterable[Episode], steps: int, device
 
 def _samplers(config: EpisodicConfig, data_root: Path) -> dict[str, EpisodeSampler]:
     d = config.data
+    splits = load_splits(d.dataset, data_root)
+    check_episodes_fit(splits, d.dataset, d.ways, d.shots, d.query)
     return {split: EpisodeSampler(data, d.ways, d.shots, d.query, d.train_tasks if split == "train" else -1)
-            for split, data in load_splits(d.dataset, data_root).items()}
+            for split, data in splits.items()}
 
 
 def _optimizer(config: EpisodicConfig, learner: nn.Module):
@@ -67,8 +70,6 @@ def _optimizer(config: EpisodicConfig, learner: nn.Module):
 def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = False) -> dict[str, Any]:
     """Meta-train, keep the best model on meta-validation, meta-test it; returns results.json's content."""
     device = resolve_device(config.device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
     samplers = _samplers(config, data_root)
     in_shape = tuple(samplers["train"].taskset.dataset[0][0].shape)
     seed_everything(config.seed)
@@ -166,6 +167,12 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
         "wall_time_s": state["wall_time"], "seed": config.seed,
     }
     write_results(run, results)
+    log_hparams(run.events, {
+        "method": config.method, "model.backbone": config.model.backbone, "data.dataset": config.data.dataset,
+        "data.ways": config.data.ways, "data.shots": config.data.shots, "outer.lr": config.outer.lr,
+        "inner.lr": config.inner.lr, "outer.iterations": config.outer.iterations, "seed": config.seed,
+    }, {"hparams/test_accuracy": test_acc, "hparams/test_ci95": test_ci,
+        "hparams/best_val_accuracy": state["best_val"]})
     print(f"{config.method}: meta-test accuracy {100 * test_acc:.2f} +- {100 * test_ci:.2f}% "
           f"({config.eval.test_tasks} tasks); results in {run.results}")
     return results

@@ -16,22 +16,17 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 # torch and torchvision as one consistent CUDA build pair: the same environment runs on CPU and GPU
 # (see README, "Environment").
 "${pip[@]}" "torch==2.14.1" "torchvision==0.29.1"
-"${pip[@]}" "tensorboard>=2.15" "pyyaml>=6" "pytest>=7" "tqdm" "numpy" "matplotlib" "scipy" "requests" \
-  "gym==0.26.2" "cma>=3.3" "ruff" "cython==0.29.37" "setuptools" "wheel"
+"${pip[@]}" "tensorboard>=2.15" "pyyaml>=6" "pytest>=7" "tqdm" "numpy" "matplotlib" "scipy" "gym==0.26.2" \
+  "cma>=3.3" "ruff" "cython==0.29.37" "setuptools" "wheel"
 
 if ! "$venv/bin/python" -c "import learn2learn" 2>/dev/null; then
   # learn2learn 0.2.0 ships only an sdist whose generated C files predate Python 3.11:
   # regenerate them with Cython 0.29.37, then build without build isolation.
   build="$(mktemp -d)"
-  url="$("$venv/bin/python" - <<'PY'
-import re, urllib.request
-page = urllib.request.urlopen("https://pypi.org/simple/learn2learn/", timeout=60).read().decode()
-print(re.search(r'href="([^"]*learn2learn-0\.2\.0\.tar\.gz[^"]*)"', page).group(1).split("#")[0])
-PY
-)"
-  echo "[setup] building learn2learn 0.2.0 from $url"
-  "$venv/bin/python" -c "import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])" "$url" "$build/l2l.tar.gz"
-  tar xzf "$build/l2l.tar.gz" -C "$build"
+  echo "[setup] building learn2learn 0.2.0 from its sdist"
+  "$venv/bin/python" -m pip download --quiet --disable-pip-version-check --no-binary :all: --no-deps \
+    learn2learn==0.2.0 -d "$build"
+  tar xzf "$build/learn2learn-0.2.0.tar.gz" -C "$build"
   src="$build/learn2learn-0.2.0"
   rm -f "$src"/learn2learn/data/*.c
   for m in meta_dataset task_dataset transforms; do

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import random
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +18,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from engine.errors import ConfigError
+
 
 def import_learn2learn():
-    """`import learn2learn`, without the gym deprecation notice it prints on first import."""
+    """`import learn2learn`, without the deprecation notice gym (which learn2learn imports) prints on its first
+    import: only gym's import is silenced, so learn2learn's own warnings still show. The project's one import of
+    learn2learn: every path to it (tasksets, MAML / Meta-SGD learners) goes through here."""
     with contextlib.redirect_stderr(io.StringIO()):
-        import learn2learn
+        import gym  # noqa: F401
+    import learn2learn
+
     return learn2learn
 
 
@@ -36,6 +43,10 @@ class ImageClasses(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index].float().div_(255.0), self.labels[index]
+
+    def class_sizes(self) -> list[int]:
+        """The number of examples of each class."""
+        return list(Counter(self.labels).values())
 
 
 @dataclass(frozen=True)
@@ -114,6 +125,30 @@ def python_random(seed: int) -> Iterator[None]:
 
 
 SPLITS = ("train", "validation", "test")
+SPLIT_NAMES = {"train": "meta-train", "validation": "meta-validation", "test": "meta-test"}
+
+
+def check_episodes_fit(splits: dict[str, ImageClasses], dataset: str, ways: int, shots: int, query: int) -> None:
+    """ConfigError, naming the limits, when a split has fewer than `ways` classes or a class of one has fewer
+    than `shots + query` examples: episodes (data.ways, data.shots, data.query) are drawn from every split."""
+    sizes = {split: data.class_sizes() for split, data in splits.items()}
+    classes = {split: len(s) for split, s in sizes.items()}
+    fewest = {split: min(s, default=0) for split, s in sizes.items()}
+    limit = min(classes, key=classes.__getitem__)
+    if ways > classes[limit]:
+        counts = ", ".join(f"{SPLIT_NAMES[split]} {n}" for split, n in classes.items())
+        raise ConfigError(
+            f"data.ways = {ways} but the {dataset} {SPLIT_NAMES[limit]} split has {classes[limit]} classes "
+            f"(classes per split: {counts}); set data.ways to at most {classes[limit]}"
+        )
+    limit = min(fewest, key=fewest.__getitem__)
+    if shots + query > fewest[limit]:
+        counts = ", ".join(f"{SPLIT_NAMES[split]} {n}" for split, n in fewest.items())
+        raise ConfigError(
+            f"data.shots + data.query = {shots} + {query} = {shots + query} examples per class, but a class of the "
+            f"{dataset} {SPLIT_NAMES[limit]} split has only {fewest[limit]} (fewest per class: {counts}); "
+            f"lower data.shots and/or data.query so that they sum to at most {fewest[limit]}"
+        )
 
 
 def load_splits(dataset: str, root: Path) -> dict[str, ImageClasses]:

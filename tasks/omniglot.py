@@ -2,8 +2,9 @@
 
 The PNG tree (`omniglot-py/images_{background,evaluation}/<alphabet>/<character>/*.png`) is decoded
 with learn2learn's benchmark transform (Resize(28, LANCZOS), ToTensor, 1 - x) into one uint8 tensor
-and cached under the project's `.cache/` folder, keyed by a hash of the file list; the data folder is
-only ever read. Episodes then index that tensor and never touch PIL or the disk.
+and cached under the project's `.cache/` folder, keyed by a hash of every file's name, size and
+modification time (so a replaced image is decoded again); the data folder is only ever read.
+Episodes then index that tensor and never touch PIL or the disk.
 
 Split: the 1623 characters (background then evaluation, sorted by path) are shuffled with a fixed
 seed into 1100 meta-train / 100 meta-validation / 423 meta-test characters (learn2learn's benchmark
@@ -57,6 +58,15 @@ def _decode(path: Path) -> np.ndarray:
     return 255 - np.asarray(small, dtype=np.uint8)
 
 
+def cache_key(root: Path, files: list[Path]) -> str:
+    """A hash of each file's path under `root`, size and modification time (ns)."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def load_omniglot(root: Path, cache_dir: Path = CACHE_DIR, workers: int = 2) -> torch.Tensor:
     """uint8 tensor [1623, 20, 28, 28] (ink = 255), decoded once and cached."""
     folders = character_folders(root)
@@ -64,12 +74,10 @@ def load_omniglot(root: Path, cache_dir: Path = CACHE_DIR, workers: int = 2) -> 
     bad = [(f, len(pngs)) for f, pngs in zip(folders, files, strict=True) if len(pngs) != DRAWINGS]
     if bad:
         raise DataError(f"Omniglot character folder {bad[0][0]} holds {bad[0][1]} PNGs, expected {DRAWINGS}")
-    listing = "\n".join(str(p.relative_to(root)) for pngs in files for p in pngs)
-    key = hashlib.sha256(listing.encode()).hexdigest()[:16]
-    cache = cache_dir / f"omniglot-{SIZE}-{key}.pt"
+    flat = [p for pngs in files for p in pngs]
+    cache = cache_dir / f"omniglot-{SIZE}-{cache_key(root, flat)}.pt"
     if cache.is_file():
         return torch.load(cache, weights_only=True)
-    flat = [p for pngs in files for p in pngs]
     try:
         with Pool(workers) as pool:
             images = pool.map(_decode, flat, chunksize=256)

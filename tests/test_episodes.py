@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from engine.errors import DataError
-from tasks.episodes import EpisodeSampler, ImageClasses, load_splits, python_random, split_episode
+import tasks.omniglot as omniglot_module
+from engine.errors import ConfigError, DataError
+from tasks.episodes import (
+    EpisodeSampler,
+    ImageClasses,
+    check_episodes_fit,
+    load_splits,
+    python_random,
+    split_episode,
+)
 from tasks.mini_imagenet import load_mini_imagenet, pickle_path
-from tasks.omniglot import ROTATIONS, SPLIT_SIZES, split_characters
+from tasks.omniglot import ROTATIONS, SPLIT_SIZES, SUBSETS, load_omniglot, split_characters
 
 
 @pytest.fixture(scope="session")
@@ -104,3 +114,58 @@ def test_mini_imagenet_missing_and_corrupt(tmp_path: Path) -> None:
 def test_missing_omniglot_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="Omniglot not found"):
         load_splits("omniglot", tmp_path)
+
+
+def write_omniglot(root: Path, characters_per_subset: int, drawings: int, seed: int = 0) -> list[Path]:
+    """Random-noise PNGs in the official layout `omniglot-py/<subset>/<alphabet>/<character>/<name>.png`."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for subset in SUBSETS:
+        for c in range(characters_per_subset):
+            folder = root / "omniglot-py" / subset / "Alphabet_of_Tests" / f"character{c + 1:02d}"
+            folder.mkdir(parents=True)
+            for d in range(drawings):
+                path = folder / f"{c + 1:04d}_{d + 1:02d}.png"
+                Image.fromarray(rng.integers(0, 256, size=(28, 28), dtype=np.uint8)).save(path)
+                paths.append(path)
+    return paths
+
+
+def test_omniglot_cache_sees_a_replaced_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(omniglot_module, "CHARACTERS", 4)
+    monkeypatch.setattr(omniglot_module, "DRAWINGS", 2)
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    paths = write_omniglot(root, characters_per_subset=2, drawings=2)
+    first = load_omniglot(root, cache, workers=1)
+    assert first.shape == (4, 2, 28, 28) and len(list(cache.iterdir())) == 1
+    assert torch.equal(load_omniglot(root, cache, workers=1), first) and len(list(cache.iterdir())) == 1
+    replaced = paths[0]
+    before = replaced.stat()
+    Image.new("L", (40, 40), color=0).save(replaced)  # black, so no ink: 255 everywhere once decoded
+    os.utime(replaced, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    second = load_omniglot(root, cache, workers=1)
+    assert (second[0, 0] == 255).all() and not torch.equal(second[0, 0], first[0, 0])
+    assert torch.equal(second.flatten(0, 1)[1:], first.flatten(0, 1)[1:])
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_episodes_the_splits_cannot_supply_name_the_limits() -> None:
+    def classes(count: int, per_class: int) -> ImageClasses:
+        return ImageClasses(torch.zeros(count * per_class, 1, 2, 2, dtype=torch.uint8),
+                            torch.arange(count).repeat_interleave(per_class))
+
+    splits = {"train": classes(8, 6), "validation": classes(5, 4), "test": classes(6, 5)}
+    check_episodes_fit(splits, "tiny", ways=5, shots=1, query=3)
+    with pytest.raises(ConfigError) as error:
+        check_episodes_fit(splits, "tiny", ways=6, shots=1, query=3)
+    assert str(error.value) == (
+        "data.ways = 6 but the tiny meta-validation split has 5 classes (classes per split: meta-train 8, "
+        "meta-validation 5, meta-test 6); set data.ways to at most 5"
+    )
+    with pytest.raises(ConfigError) as error:
+        check_episodes_fit(splits, "tiny", ways=5, shots=2, query=3)
+    assert str(error.value) == (
+        "data.shots + data.query = 2 + 3 = 5 examples per class, but a class of the tiny meta-validation split "
+        "has only 4 (fewest per class: meta-train 6, meta-validation 4, meta-test 5); lower data.shots and/or "
+        "data.query so that they sum to at most 4"
+    )

@@ -1,4 +1,4 @@
-"""End-to-end episodic meta-training through train.py: each method, mini-ImageNet, resume, errors."""
+"""End-to-end episodic meta-training through train.py: each method, mini-ImageNet, resume, errors, threads."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_episodes import write_mini_imagenet
+from test_hparams import read_hparams
 
 import npbml.meta_trainer as meta_trainer
 import train
@@ -35,7 +36,11 @@ def test_each_method_meta_trains_on_omniglot(config: str, shared_data: Path, tmp
     assert results["iterations"] == 2 and results["test_tasks"] == 3
     assert 0.0 <= results["test_accuracy"] <= 1.0 and results["test_ci95"] >= 0.0
     assert (folder / "best.pt").is_file() and (folder / "checkpoint.pt").is_file()
-    assert any((folder / "tensorboard").iterdir())
+    hparams, metrics = read_hparams(folder / "tensorboard")
+    assert hparams["method"] == results["method"] and hparams["data.dataset"] == "omniglot"
+    assert hparams["data.ways"] == 5 and hparams["outer.iterations"] == 2 and hparams["seed"] == 0
+    assert metrics["hparams/test_accuracy"] == pytest.approx(results["test_accuracy"], rel=1e-6)
+    assert metrics["hparams/best_val_accuracy"] == pytest.approx(results["best_val_accuracy"], rel=1e-6)
 
 
 @pytest.mark.slow
@@ -99,3 +104,57 @@ def test_non_finite_meta_gradient_is_reported(shared_data: Path, tmp_path: Path,
     assert code == 2
     err = capsys.readouterr().err
     assert "meta-iteration 1" in err and "not finite" in err and "lower" in err
+
+
+def expect_one_line_error(capsys: pytest.CaptureFixture, code: int, fragment: str) -> None:
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert fragment in err, err
+
+
+@pytest.mark.parametrize(("override", "fragment"), [
+    ("data.ways=5000", "data.ways = 5000 but the omniglot meta-validation split has 400 classes (classes per "
+                       "split: meta-train 4400, meta-validation 400, meta-test 1692); set data.ways to at most 400"),
+    ("data.shots=30", "data.shots + data.query = 30 + 2 = 32 examples per class, but a class of the omniglot "
+                      "meta-train split has only 20"),
+])
+def test_episodes_omniglot_cannot_supply_stop_before_the_run_folder(
+        override: str, fragment: str, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, folder = run("npbml_omniglot_5w1s.yaml", tmp_path, shared_data, "too-big", override)
+    expect_one_line_error(capsys, code, fragment)
+    assert not folder.exists()
+
+
+def test_episodes_mini_imagenet_cannot_supply_stop_before_the_run_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_mini_imagenet(tmp_path / "data", {"train": 8, "validation": 4, "test": 6}, per_class=5)
+    code, folder = run("maml_omniglot_5w1s.yaml", tmp_path / "runs", tmp_path / "data", "too-big",
+                       "data.dataset=mini_imagenet")
+    expect_one_line_error(capsys, code, "data.ways = 5 but the mini_imagenet meta-validation split has 4 classes")
+    assert not folder.exists()
+    code, folder = run("maml_omniglot_5w1s.yaml", tmp_path / "runs", tmp_path / "data", "too-big",
+                       "data.dataset=mini_imagenet", "data.ways=3", "data.shots=4")
+    expect_one_line_error(capsys, code, "4 + 2 = 6 examples per class")
+    assert not folder.exists() and not any((tmp_path / "runs").iterdir())
+
+
+def test_threads_are_set_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture) -> None:
+    seen = []
+
+    def record_threads(*args, **kwargs) -> dict:
+        seen.append(torch.get_num_threads())
+        return {}
+
+    monkeypatch.setattr(meta_trainer, "train", record_threads)
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            code, folder = run("npbml_omniglot_5w1s.yaml", tmp_path, tmp_path, f"t{threads}", f"threads={threads}")
+            assert code == 0 and f"threads: {threads}" in (folder / "config.yaml").read_text()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2, 1]
+    code, folder = run("npbml_omniglot_5w1s.yaml", tmp_path, tmp_path, "t0", "threads=0")
+    expect_one_line_error(capsys, code, "threads = 0 must be at least 1")
+    assert not folder.exists()
