@@ -100,7 +100,7 @@ def test_meta_gradient_matches_a_double_backward_unroll_of_the_optimizer(kind: s
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-11)
 
 
-@pytest.mark.parametrize("kind", ["adam", "adamw", "rmsprop_momentum"])
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
 def test_meta_gradient_matches_finite_differences(kind: str) -> None:
     model, loss_net, optimizer, batch, meta_batch = setup(kind)
     grads = analytic(kind, model, loss_net, optimizer, batch, meta_batch)
@@ -155,3 +155,18 @@ def test_the_component_trains_a_model_with_adamw_and_round_trips_its_state() -> 
 
 def test_the_docstring_example_runs() -> None:
     assert doctest.testmod(adalfl.adaptive_loss).failed == 0
+
+
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_the_real_step_is_the_optimizers_own_step(kind: str) -> None:
+    """online_step (with the meta update) moves the model exactly as loss.backward() + optimizer.step() would."""
+    model, loss_net, optimizer, (x, y), meta_batch = setup(kind)
+    reference, reference_optimizer = copies(model, optimizer, kind)
+    reference_loss = copy.deepcopy(loss_net)
+    online_step(model, loss_net, optimizer, (x, y), F.cross_entropy,
+                meta=(loss_net, torch.optim.SGD(loss_net.parameters(), lr=0.0), meta_batch))
+    reference_optimizer.zero_grad()
+    reference_loss(reference(x), y).backward()
+    reference_optimizer.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
