@@ -10,13 +10,14 @@ Each cell is the run folder <out>/<label>-seed<k>, made with `--set method=<meth
 of the base config and the --set overrides. A cell with results.json is skipped, one with a checkpoint but
 no results is resumed, any other is started. A method may also be given as LABEL=CONFIG.yaml to run another
 config (e.g. an NPBML ablation) under that label, or as LABEL=METHOD,KEY=VALUE,... to run a method with
-overrides of its own (an ablation variant). With --sweep KEY=V1,V2,..., the first method (the baseline) runs
-at every value (cells <baseline>@KEY=V-seed<k>), the value with the lowest mean final validation metric over
-the seeds is chosen (sweep.json), and the other methods run at that value unless their label sets KEY itself.
-Then <out> gets summary.csv and summary.md (mean and std of the final test metric per method over seeds, with
-their number, and the mean 95% CI where the runs report one) and PNG figures: learning_curves.png,
-readouts.png, loss_evolution_<label>.png, accuracy.png. --jobs N runs N cells at once as separate processes
-(each with cores / N threads, its output in <out>/logs/).
+overrides of its own (an ablation variant; "{seed}" in a value becomes the cell's seed). With
+--sweep KEY=V1,V2,..., the first method (the baseline) runs at every value (cells <baseline>@KEY=V-seed<k>),
+the value with the lowest mean final validation metric over the seeds is chosen (sweep.json), and the other
+methods run at that value unless their label sets KEY itself. Then <out> gets summary.csv and summary.md
+(mean and std of the final test metric per method over seeds, with their number, and the mean 95% CI where
+the runs report one) and PNG figures: learning_curves.png, readouts.png, loss_evolution_<label>.png,
+accuracy.png. --jobs N runs N cells at once as separate processes (each with cores / N threads, its output
+in <out>/logs/).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def method_cells(spec: str, config: Path, seeds: list[int]) -> list[Cell]:
     if own.endswith((".yaml", ".yml")):
         return [Cell(label, seed, Path(own), True) for seed in seeds]
     method, *sets = own.split(",") if own else [label]
-    return [Cell(label, seed, config, False, (f"method={method}", *sets)) for seed in seeds]
+    return [Cell(label, seed, config, False, (f"method={method}", *(s.replace("{seed}", str(seed)) for s in sets)))
+            for seed in seeds]
 
 
 def grid_cells(config: Path, methods: list[str], seeds: list[int]) -> list[Cell]:

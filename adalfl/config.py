@@ -6,7 +6,9 @@ Defaults are the AdaLFL paper's CIFAR-10 protocol (see README, "Paper defaults")
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
+
+import torch
 
 from engine.errors import ConfigError
 
@@ -40,12 +42,16 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    """The base optimizer, torch.optim.SGD, and its MultiStep learning-rate schedule."""
+    """The base optimizer (torch.optim.SGD, Adam, AdamW or RMSprop) and its MultiStep learning-rate schedule."""
 
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
     lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
+    momentum: float = 0.9  # sgd and rmsprop
+    nesterov: bool = True  # sgd
+    weight_decay: float = 5e-4  # L2 in the gradient; adamw: decoupled
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    eps: float = 1e-8  # adam, adamw, rmsprop
+    alpha: float = 0.99  # rmsprop's smoothing constant
     milestones: list[int] = field(default_factory=lambda: [100_000, 135_000])
     lr_decay: float = 0.1
     # a finished run (folder or results.json): multiply the lr by its learned loss's gradient-norm ratios
@@ -54,7 +60,27 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         require(self.lr > 0, f"optimizer.lr = {self.lr} must be positive")
         require(0 <= self.momentum < 1, f"optimizer.momentum = {self.momentum} must lie in [0, 1)")
+        require(not self.nesterov or self.name == "sgd",
+                f"optimizer.nesterov is an sgd setting; set optimizer.nesterov=false for {self.name}")
         require(not self.nesterov or self.momentum > 0, "optimizer.nesterov needs optimizer.momentum > 0")
+        require(self.momentum == 0 or self.name in ("sgd", "rmsprop"),
+                f"optimizer.momentum = {self.momentum} is not a setting of {self.name} (its momentum is "
+                "optimizer.betas); set optimizer.momentum=0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                f"optimizer.betas = {self.betas} must be two values in [0, 1)")
+        require(self.eps > 0, f"optimizer.eps = {self.eps} must be positive")
+        require(0 < self.alpha < 1, f"optimizer.alpha = {self.alpha} must lie in (0, 1)")
+
+    def build(self, params: Any) -> torch.optim.Optimizer:
+        """The torch.optim optimizer these settings describe, over `params`."""
+        if self.name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
+                                   weight_decay=self.weight_decay)
+        if self.name == "rmsprop":
+            return torch.optim.RMSprop(params, lr=self.lr, alpha=self.alpha, eps=self.eps, momentum=self.momentum,
+                                       weight_decay=self.weight_decay)
+        kind = torch.optim.Adam if self.name == "adam" else torch.optim.AdamW
+        return kind(params, lr=self.lr, betas=tuple(self.betas), eps=self.eps, weight_decay=self.weight_decay)
 
 
 @dataclass

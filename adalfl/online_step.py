@@ -1,15 +1,12 @@
 """One base-model step with a (learned) loss, and the one-step meta-gradient of the learned loss.
 
-The base step is the real optimizer's step (torch.optim.SGD: momentum, Nesterov, weight decay,
-its momentum buffer carried across steps). For SGD the new parameters depend on the loss
-parameters phi only through the gradient term,
+The base step is the real optimizer's step (torch.optim.SGD, Adam, AdamW or RMSprop, with its state
+carried across steps). For these the new parameters depend on the loss parameters phi only through the
+gradient g = grad_theta M_phi(y, f_theta(X)), element by element: d theta'/d g = -diag(D), with D read
+off the optimizer's settings and state (adalfl/update_jacobian.py; for SGD, D = lr (1 + momentum) with
+Nesterov, lr otherwise). So the meta-gradient of the task loss L at theta' needs no double backward:
 
-    theta' = theta - c * grad_theta M_phi(y, f_theta(X)) + (terms free of phi),
-    c = lr * (1 + momentum) with Nesterov, lr otherwise,
-
-so the meta-gradient of the task loss L at theta' needs no double backward:
-
-    dL/dphi = -c * d/dphi [ u . dM_phi(y, z)/dz ]  at z = f_theta(X),   u = J_theta f_theta(X) . v,
+    dL/dphi = -d/dphi [ u . dM_phi(y, z)/dz ]  at z = f_theta(X),   u = J_theta f_theta(X) . (D * v),
 
 with v = grad L(theta') and u one forward-mode product (dual tensors of torch.autograd.forward_ad)
 of the model at the old parameters, in train mode with batch statistics and the same dropout
@@ -21,6 +18,9 @@ loss's: it becomes s * g with s = min(1, r * |dL_task/dz| / |g|) (norms over the
 the learned loss may steepen the step at most r times beyond the task loss's while its shape adapts
 freely. s depends on phi through |g|, and the meta-gradient differentiates through it: it is the exact
 one-step meta-gradient of the bounded step.
+
+The step never waits for the device: its scalars come back as tensors, and `StepStats.finite` flags a
+non-finite loss or meta-gradient for the caller to check when it reads them (NonFiniteGuard).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.func import functional_call
 
-from engine.errors import NonFiniteError
+from adalfl.update_jacobian import check_supported, update_jacobian_diagonal
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -43,20 +43,13 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class StepStats:
-    """Scalars of one step, for logging."""
+    """Scalars of one step as 0-dim device tensors, read (a host sync) only when logged."""
 
-    train_loss: float  # the loss the model was stepped with (learned or handcrafted)
-    task_loss: float  # the task's own loss (cross-entropy or squared error) on the same batch
-    meta_loss: float | None = None  # task loss on the meta batch after the step
-    meta_grad_norm: float | None = None
-
-
-def sgd_gradient_coefficient(optimizer: torch.optim.SGD) -> float:
-    """c in theta' = theta - c * grad + (gradient-free terms) for the optimizer's current settings."""
-    group = optimizer.param_groups[0]
-    if group["dampening"] != 0:
-        raise ValueError("the unrolled SGD step assumes dampening = 0")
-    return group["lr"] * (1.0 + group["momentum"]) if group["nesterov"] else group["lr"]
+    train_loss: torch.Tensor  # the loss the model was stepped with (learned or handcrafted)
+    task_loss: torch.Tensor  # the task's own loss (cross-entropy or squared error) on the same batch
+    finite: torch.Tensor  # False when the training loss or the meta-gradient was not finite
+    meta_loss: torch.Tensor | None = None  # task loss on the meta batch after the step
+    meta_grad_norm: torch.Tensor | None = None
 
 
 @contextlib.contextmanager
@@ -109,41 +102,32 @@ def model_jvp(
         return forward_ad.unpack_dual(outputs).tangent
 
 
-def _check_finite(value: torch.Tensor, what: str, step: int, advice: str) -> None:
-    if not torch.isfinite(value).all():
-        raise NonFiniteError(f"{what} became non-finite at step {step}; {advice}")
-
-
 def online_step(
     model: nn.Module,
     loss_fn: LossFn,
-    optimizer: torch.optim.SGD,
+    optimizer: torch.optim.Optimizer,
     batch: Batch,
     task_loss: LossFn,
-    step: int,
     meta: tuple[nn.Module, torch.optim.Optimizer, Batch] | None = None,
-    advice: str = "lower the learning rates",
     max_grad_ratio: float | None = None,
     meta_clip: float | None = None,
 ) -> StepStats:
     """Step `model` with `loss_fn` on `batch`; with `meta = (loss_net, meta_optimizer, meta_batch)`
     also update the loss network by the one-step meta-gradient of `task_loss` on `meta_batch`, its norm
-    clipped to `meta_clip` when given. `max_grad_ratio` bounds the step's scale (module docstring). A
-    non-finite loss (checked before the model steps) or meta-gradient (before the loss network steps)
-    raises NonFiniteError."""
+    clipped to `meta_clip` when given. `max_grad_ratio` bounds the step's scale (module docstring)."""
     inputs, targets = batch
     device = inputs.device
     model.train()
     params = dict(model.named_parameters())
     old_params = {name: p.detach().clone() for name, p in params.items()} if meta else None
     rng_before = capture_rng(device) if meta else None
+    if meta is not None:
+        check_supported(optimizer)
 
     outputs = model(inputs)
     outputs_leaf = outputs.detach().requires_grad_()
     loss = loss_fn(outputs_leaf, targets)
-    _check_finite(loss.detach(), "the training loss", step, advice)
     (dloss_doutputs,) = torch.autograd.grad(loss, outputs_leaf, create_graph=meta is not None)
-    coefficient = sgd_gradient_coefficient(optimizer)
     if task_loss is loss_fn:
         batch_task_loss = loss.detach()
     elif max_grad_ratio is None:
@@ -158,25 +142,31 @@ def online_step(
 
     optimizer.zero_grad(set_to_none=True)
     outputs.backward(dloss_doutputs.detach())
+    grads = {}
+    if meta is not None and not isinstance(optimizer, torch.optim.SGD):
+        grads = {p: p.grad.detach().clone() for p in params.values() if p.grad is not None}
     optimizer.step()
-    stats = StepStats(train_loss=loss.item(), task_loss=batch_task_loss.item())
+    stats = StepStats(train_loss=loss.detach(), task_loss=batch_task_loss, finite=torch.isfinite(loss.detach()))
     if meta is None:
         return stats
 
+    if isinstance(optimizer, torch.optim.SGD):
+        grads = {p: p for p in params.values() if p.grad is not None}  # SGD's D needs no gradient values
+    diagonal = update_jacobian_diagonal(optimizer, grads, {p: old_params[n] for n, p in params.items()})
     loss_net, meta_optimizer, (meta_inputs, meta_targets) = meta
     with batch_statistics_only(model):
         meta_loss = task_loss(model(meta_inputs), meta_targets)
-        direction = torch.autograd.grad(meta_loss, list(params.values()))
-        output_tangent = model_jvp(model, old_params, dict(zip(params, direction, strict=True)), inputs, rng_before)
+        direction = torch.autograd.grad(meta_loss, list(params.values()), allow_unused=True, materialize_grads=True)
+        tangents = {name: diagonal[p] * v if p in diagonal else torch.zeros_like(v)
+                    for (name, p), v in zip(params.items(), direction, strict=True)}
+        output_tangent = model_jvp(model, old_params, tangents, inputs, rng_before)
 
-    meta_objective = -coefficient * (output_tangent * dloss_doutputs).sum()
+    meta_objective = -(output_tangent * dloss_doutputs).sum()
     meta_optimizer.zero_grad(set_to_none=True)
     meta_objective.backward()
-    grads = [p for p in loss_net.parameters() if p.grad is not None]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, meta_clip if meta_clip is not None else math.inf))
-    if not math.isfinite(grad_norm):
-        raise NonFiniteError(f"the meta-gradient of the learned loss became non-finite at step {step}; {advice}")
+    meta_params = [p for p in loss_net.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(meta_params, meta_clip if meta_clip is not None else math.inf)
     meta_optimizer.step()
-    stats.meta_loss = meta_loss.item()
-    stats.meta_grad_norm = grad_norm
+    stats.meta_loss, stats.meta_grad_norm = meta_loss.detach(), grad_norm.detach()
+    stats.finite = stats.finite & torch.isfinite(stats.meta_grad_norm)
     return stats

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from adalfl.adaptive_loss import AdaptiveLoss, regression_loss
 from adalfl.analysis import argmin_prediction, gradient_norm_ratio, loss_shape, loss_shape_figure
 from adalfl.config import SingleTaskConfig
 from adalfl.implied_schedule import load_implied_schedule
@@ -36,6 +37,7 @@ from engine.checkpoint import load_checkpoint, restoring, save_checkpoint
 from engine.device import resolve_device
 from engine.errors import ConfigError, NonFiniteError
 from engine.interrupt import StopRequest
+from engine.nonfinite_guard import NonFiniteGuard
 from engine.rng import rng_state, seed_everything, set_rng_state, step_generator
 from engine.run_dir import RunDir, write_results, write_text_atomic
 from tasks.models import build_model
@@ -44,11 +46,6 @@ from tasks.supervised import SupervisedTask, batch_indices, load_task
 # Independent random streams: (batch order, augmentation) per phase and split.
 TRAIN_STREAM, META_STREAM, INIT_TRAIN_STREAM, INIT_META_STREAM = 0, 1, 2, 3
 SEARCH_INIT_STREAM = 10_000_000  # + generation: the base-model initialisation of TaylorGLO's candidates
-
-
-def regression_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of a one-output model."""
-    return F.mse_loss(outputs.reshape(targets.shape), targets)
 
 
 class SingleTaskTrainer:
@@ -70,33 +67,27 @@ class SingleTaskTrainer:
         self.prediction = "softmax" if self.task.kind == "classification" else "identity"
 
         self.model, self.optimizer, self.scheduler = self._fresh_base(stream=0)
-        self.loss_net: OutputWiseLoss | None = None
-        self.meta_optimizer: torch.optim.Adam | None = None
+        self.adaptive: AdaptiveLoss | None = None
+        self.loss_net: OutputWiseLoss | None = None  # the learned or searched loss in use, for readouts
         if self.learns_loss:
-            self.loss_net = OutputWiseLoss(
-                hidden=config.loss_network.hidden,
-                beta=config.loss_network.beta,
-                gamma=config.loss_network.gamma,
-                prediction=self.prediction,
-                residual=config.meta.loss_form == "residual",
-                num_outputs=self.task.num_outputs,
+            self.adaptive = AdaptiveLoss(
+                self.task.num_outputs, self.task.kind, hidden=config.loss_network.hidden,
+                beta=config.loss_network.beta, gamma=config.loss_network.gamma, form=config.meta.loss_form,
+                meta_lr=config.meta.lr, max_grad_ratio=config.meta.max_grad_ratio, meta_clip=config.meta.clip_grad_norm,
             ).to(self.device)
-            self.meta_optimizer = torch.optim.Adam(self.loss_net.parameters(), lr=config.meta.lr)
+            self.loss_net = self.adaptive.loss
         self.search: TaylorGLOSearch | None = None
         if config.method == "taylorglo":
             self.search = TaylorGLOSearch(config.taylorglo.population, config.taylorglo.sigma, config.seed)
         self.init_step = 0 if self.learns_loss else config.meta.init_steps
-        self.init_model: tuple[nn.Module, torch.optim.SGD, Any] | None = None
+        self.init_model: tuple[nn.Module, torch.optim.Optimizer, Any] | None = None
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.loss_shapes: list[dict[str, Any]] = []
         self.readouts: list[dict[str, float]] = []
         self.wall_time = 0.0
         self.metric = "error" if self.task.kind == "classification" else "mse"
-        self.advice = (
-            f"lower meta.lr (now {config.meta.lr:g}) or optimizer.lr (now {config.optimizer.lr:g}) "
-            f"and start a new run; the last good checkpoint is kept in {run.checkpoint}"
-        )
+        self.guard = NonFiniteGuard()
 
     def _check_method_fits_task(self) -> None:
         method, kind = self.config.method, self.task.kind
@@ -108,19 +99,29 @@ class SingleTaskTrainer:
             raise ConfigError(f"method label_smoothing needs a classification data set; {self.task.name} is "
                               "regression: use mse")
 
+    def advice(self) -> str:
+        """What to lower (only settings this method has) and, truthfully, what checkpoint is kept."""
+        settings = [f"optimizer.lr (now {self.config.optimizer.lr:g})"]
+        if self.learns_loss:
+            settings.insert(0, f"meta.lr (now {self.config.meta.lr:g})")
+        kept = (f"the last good checkpoint is kept in {self.run.checkpoint}" if self.run.checkpoint.is_file()
+                else "no checkpoint had been written yet")
+        return f"lower {' or '.join(settings)} and start a new run; {kept}"
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteError if a step since the start recorded a non-finite loss or meta-gradient."""
+        self.guard.check("the training loss or the learned loss's meta-gradient", self.advice())
+
     # ----- building blocks -------------------------------------------------------------------
-    def _fresh_base(self, stream: int) -> tuple[nn.Module, torch.optim.SGD, torch.optim.lr_scheduler.LRScheduler]:
-        """A newly initialised base model (seeded by `stream`), its SGD optimizer and schedule (for the trained
+    def _fresh_base(self, stream: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """A newly initialised base model (seeded by `stream`), its optimizer and schedule (for the trained
         model, stream 0, the schedule an earlier run's learned loss implied when optimizer.lr_multipliers_from)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed * 1_000_003 + stream)
             model = build_model(self.config.model.name, self.task.input_shape, self.task.num_outputs)
         model = model.to(self.device)
         opt = self.config.optimizer
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
-            weight_decay=opt.weight_decay,
-        )
+        optimizer = opt.build(model.parameters())
         if opt.lr_multipliers_from is not None and stream == 0:
             schedule = load_implied_schedule(opt.lr_multipliers_from, opt.milestones, opt.lr_decay)
             return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -143,8 +144,6 @@ class SingleTaskTrainer:
             return batch
         return self._batch("val" if source == "validation" else "train", step, stream)
 
-    def _learned_step_options(self) -> dict[str, float | None]:
-        return {"max_grad_ratio": self.config.meta.max_grad_ratio, "meta_clip": self.config.meta.clip_grad_norm}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
@@ -172,9 +171,8 @@ class SingleTaskTrainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
         }
-        if self.meta_optimizer is not None:
-            state["loss_net"] = self.loss_net.state_dict()
-            state["meta_optimizer"] = self.meta_optimizer.state_dict()
+        if self.adaptive is not None:
+            state["adaptive"] = self.adaptive.state_dict()
         if self.init_model is not None:
             model, optimizer, scheduler = self.init_model
             state["init_model"] = (model.state_dict(), optimizer.state_dict(), scheduler.state_dict())
@@ -189,9 +187,8 @@ class SingleTaskTrainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.meta_optimizer is not None:
-            self.loss_net.load_state_dict(state["loss_net"])
-            self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        if self.adaptive is not None:
+            self.adaptive.load_state_dict(state["adaptive"])
         if "init_model" in state:
             self.init_model = self._fresh_base(stream=0)
             for part, saved in zip(self.init_model, state["init_model"], strict=True):
@@ -199,11 +196,13 @@ class SingleTaskTrainer:
         set_rng_state(state["rng"])
 
     def save(self) -> None:
-        """Checkpoint the run, unless a parameter is no longer finite (then the last good one stays)."""
+        """Checkpoint the run, unless a step was not finite or a parameter is no longer finite (then the last
+        good one stays)."""
+        self.check_finite()
         models = [self.model, self.loss_net, self.init_model[0] if self.init_model else None]
         for model in filter(None, models):
             if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise NonFiniteError(f"parameters became non-finite by step {self.step}; {self.advice}")
+                raise NonFiniteError(f"parameters became non-finite by step {self.step}; {self.advice()}")
         save_checkpoint(self.run.checkpoint, self.state_dict())
 
     def _checkpoint_boundary(self, step: int, total: int, stop: StopRequest) -> None:
@@ -215,13 +214,18 @@ class SingleTaskTrainer:
             raise KeyboardInterrupt
 
     # ----- logging ---------------------------------------------------------------------------
-    def _log_step(self, writer: SummaryWriter, prefix: str, step: int, stats: StepStats) -> None:
-        writer.add_scalar(f"{prefix}/task_loss", stats.task_loss, step)
+    def _log_step(self, writer: SummaryWriter, prefix: str, step: int, stats: StepStats) -> dict[str, float]:
+        """Write the step's scalars (the one host sync of a logging interval, after the finite check); returns
+        them for the progress bar."""
+        self.check_finite()
+        values = {"task_loss": float(stats.task_loss)}
         if self.loss_net is not None:
-            writer.add_scalar(f"{prefix}/learned_loss", stats.train_loss, step)
+            values["learned_loss"] = float(stats.train_loss)
         if stats.meta_loss is not None:
-            writer.add_scalar(f"{prefix}/meta_loss", stats.meta_loss, step)
-            writer.add_scalar(f"{prefix}/meta_grad_norm", stats.meta_grad_norm, step)
+            values["meta_loss"], values["meta_grad_norm"] = float(stats.meta_loss), float(stats.meta_grad_norm)
+        for key, value in values.items():
+            writer.add_scalar(f"{prefix}/{key}", value, step)
+        return values
 
     def _log_loss_shape(self, writer: SummaryWriter, phase: str, step: int) -> None:
         shape = loss_shape(self.loss_net)
@@ -234,7 +238,7 @@ class SingleTaskTrainer:
         record = {
             "step": self.step,
             "grad_norm_ratio": gradient_norm_ratio(self.model, self.loss_net, self.task_loss, batch,
-                                                   self._learned_step_options()["max_grad_ratio"]),
+                                                   self.adaptive.max_grad_ratio if self.adaptive else None),
             "argmin_p_y1": argmin_prediction(loss_shape(self.loss_net)),
         }
         self.readouts.append(record)
@@ -264,18 +268,16 @@ class SingleTaskTrainer:
                     self.init_model = self._fresh_base(stream=1 + self.init_step)
                 model, optimizer, _ = self.init_model
                 batch = self._batch("train", self.init_step, INIT_TRAIN_STREAM)
-                meta_batch = self._meta_batch(batch, self.init_step, INIT_META_STREAM)
-                stats = online_step(
-                    model, self.loss_net, optimizer, batch, self.task_loss, self.init_step,
-                    meta=(self.loss_net, self.meta_optimizer, meta_batch),
-                    advice=self.advice, **self._learned_step_options(),
-                )
+                stats = self.adaptive.step(model, optimizer, batch, self._meta_batch(batch, self.init_step,
+                                                                                    INIT_META_STREAM))
+                self.guard.record(stats.finite, self.init_step)
                 self.init_step += 1
                 self.wall_time += time.perf_counter() - started
                 if self.init_step % self.config.log.scalars_every == 0:
-                    self._log_step(writer, "init", self.init_step, stats)
+                    values = self._log_step(writer, "init", self.init_step, stats)
+                    bar.set_postfix(learned=f"{values['learned_loss']:.4f}", meta=f"{values['meta_loss']:.4f}",
+                                    refresh=False)
                 bar.update()
-                bar.set_postfix(learned=f"{stats.train_loss:.4f}", meta=f"{stats.meta_loss:.4f}")
                 if self.init_step == meta.init_steps:
                     self.init_model = None
                     self._log_loss_shape(writer, "init", self.init_step)
@@ -291,10 +293,11 @@ class SingleTaskTrainer:
         """Validation metric of a fresh base model after `taylorglo.eval_steps` steps with loss `theta`."""
         loss = TaylorGLOLoss(theta, self.prediction).to(self.device)
         model, optimizer, _ = self._fresh_base(stream=SEARCH_INIT_STREAM + self.search.generation)
-        try:
-            for k in range(self.config.taylorglo.eval_steps):
-                online_step(model, loss, optimizer, self._batch("train", k, INIT_TRAIN_STREAM), self.task_loss, k)
-        except NonFiniteError:
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        for k in range(self.config.taylorglo.eval_steps):
+            stats = online_step(model, loss, optimizer, self._batch("train", k, INIT_TRAIN_STREAM), self.task_loss)
+            finite = finite & stats.finite
+        if not bool(finite):
             return PENALTY
         value = self.evaluate(model, "val")[self.metric]
         return value if math.isfinite(value) else PENALTY
@@ -331,36 +334,36 @@ class SingleTaskTrainer:
         loss_fn = self.loss_net if self.loss_net is not None else self.handcrafted_loss
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc=f"phase 2: {cfg.method}", unit="step",
                    dynamic_ncols=True)
+        postfix: dict[str, str] = {}
         try:
             if self.step == 0 and self.loss_net is not None:
                 self._log_loss_shape(writer, "online", 0)
             while self.step < cfg.train.steps:
                 started = time.perf_counter()
                 batch = self._batch("train", self.step, TRAIN_STREAM)
-                meta = None
-                if adapt:
-                    meta = (self.loss_net, self.meta_optimizer, self._meta_batch(batch, self.step, META_STREAM))
-                options = self._learned_step_options() if self.loss_net is not None and self.learns_loss else {}
-                stats = online_step(
-                    self.model, loss_fn, self.optimizer, batch, self.task_loss, self.step, meta=meta,
-                    advice=self.advice, **options,
-                )
+                if self.adaptive is not None:
+                    stats = self.adaptive.step(self.model, self.optimizer, batch,
+                                               self._meta_batch(batch, self.step, META_STREAM), adapt=adapt)
+                else:
+                    stats = online_step(self.model, loss_fn, self.optimizer, batch, self.task_loss)
+                self.guard.record(stats.finite, self.step)
                 self.scheduler.step()
                 self.step += 1
                 self.wall_time += time.perf_counter() - started
                 if self.step % cfg.log.scalars_every == 0:
-                    self._log_step(writer, "train", self.step, stats)
+                    values = self._log_step(writer, "train", self.step, stats)
                     writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
                     if self.loss_net is not None:
                         self._log_readouts(writer)
+                    postfix["loss"] = f"{values['task_loss']:.4f}"
+                    if "meta_loss" in values:
+                        postfix["meta"] = f"{values['meta_loss']:.4f}"
                 if adapt and self.step % cfg.log.loss_shape_every == 0:
                     self._log_loss_shape(writer, "online", self.step)
-                postfix = {"loss": f"{stats.task_loss:.4f}"}
                 if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
+                    self.check_finite()
                     record = self._log_evaluation(writer)
                     postfix[f"val_{self.metric}"] = f"{record[f'val_{self.metric}']:.4f}"
-                if stats.meta_loss is not None:
-                    postfix["meta"] = f"{stats.meta_loss:.4f}"
                 bar.update()
                 bar.set_postfix(postfix, refresh=False)
                 self._checkpoint_boundary(self.step, cfg.train.steps, stop)

@@ -33,10 +33,10 @@ def make_step(name: str, shape: tuple[int, ...], adaptive: bool, device: torch.d
     data = (torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device))
     meta_data = (torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device))
     if not adaptive:
-        return lambda: online_step(model, F.cross_entropy, optimizer, data, F.cross_entropy, 0)
+        return lambda: online_step(model, F.cross_entropy, optimizer, data, F.cross_entropy)
     loss_net = OutputWiseLoss().to(device)
     meta_optimizer = torch.optim.Adam(loss_net.parameters(), lr=1e-3)
-    return lambda: online_step(model, loss_net, optimizer, data, F.cross_entropy, 0,
+    return lambda: online_step(model, loss_net, optimizer, data, F.cross_entropy,
                                meta=(loss_net, meta_optimizer, meta_data))
 
 

@@ -9,7 +9,8 @@ from torch import nn
 from torch.func import functional_call
 
 from adalfl.loss_network import OutputWiseLoss
-from adalfl.online_step import batch_statistics_only, online_step, sgd_gradient_coefficient
+from adalfl.online_step import batch_statistics_only, online_step
+from adalfl.update_jacobian import update_jacobian_diagonal
 
 
 def tiny_setup(nesterov: bool = True, dropout: float = 0.0, residual: bool = False):
@@ -28,7 +29,7 @@ def tiny_setup(nesterov: bool = True, dropout: float = 0.0, residual: bool = Fal
     xv, yv = torch.randn(12, 5, dtype=torch.double), torch.randint(0, 3, (12,))
     # two warm-up steps so the momentum buffer is non-zero
     for _ in range(2):
-        online_step(model, loss_net, optimizer, (x, y), F.cross_entropy, step=0)
+        online_step(model, loss_net, optimizer, (x, y), F.cross_entropy)
     return model, loss_net, optimizer, (x, y), (xv, yv)
 
 
@@ -45,7 +46,7 @@ def meta_loss_after_step(model, loss_net, optimizer, batch, meta_batch, **option
     model = copy.deepcopy(model)
     optimizer_copy = copy_optimizer(optimizer, model)
     torch.manual_seed(123)
-    online_step(model, loss_net, optimizer_copy, batch, F.cross_entropy, step=0, **options)
+    online_step(model, loss_net, optimizer_copy, batch, F.cross_entropy, **options)
     model.train()
     with torch.no_grad(), batch_statistics_only(model):
         return F.cross_entropy(model(meta_batch[0]), meta_batch[1]).item()
@@ -56,7 +57,7 @@ def analytic_meta_gradient(model, loss_net, optimizer, batch, meta_batch, **opti
     optimizer_copy = copy_optimizer(optimizer, model)
     meta_optimizer = torch.optim.SGD(loss_net.parameters(), lr=0.0)
     torch.manual_seed(123)
-    online_step(model, loss_net, optimizer_copy, batch, F.cross_entropy, step=0,
+    online_step(model, loss_net, optimizer_copy, batch, F.cross_entropy,
                 meta=(loss_net, meta_optimizer, meta_batch), **options)
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in loss_net.parameters()]
 
@@ -109,11 +110,12 @@ def test_meta_gradient_matches_double_backward_through_the_sgd_rule() -> None:
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
 
 
-def test_gradient_coefficient_follows_the_optimizer_settings() -> None:
-    p = [nn.Parameter(torch.zeros(1))]
-    assert sgd_gradient_coefficient(torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True)) == pytest.approx(0.19)
-    assert sgd_gradient_coefficient(torch.optim.SGD(p, lr=0.1, momentum=0.9)) == pytest.approx(0.1)
-    assert sgd_gradient_coefficient(torch.optim.SGD(p, lr=0.1)) == pytest.approx(0.1)
+def test_sgd_diagonal_follows_the_optimizer_settings() -> None:
+    p = nn.Parameter(torch.zeros(1))
+    grads, old = {p: p}, {p: p.detach()}
+    for settings, expected in [({"momentum": 0.9, "nesterov": True}, 0.19), ({"momentum": 0.9}, 0.1), ({}, 0.1)]:
+        optimizer = torch.optim.SGD([p], lr=0.1, **settings)
+        assert update_jacobian_diagonal(optimizer, grads, old)[p] == pytest.approx(expected)
 
 
 def test_the_scale_bound_caps_the_step_at_the_ratio_times_the_task_loss() -> None:
@@ -128,7 +130,7 @@ def test_the_scale_bound_caps_the_step_at_the_ratio_times_the_task_loss() -> Non
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
         for _ in range(3):
             online_step(model, lambda o, t: scale * F.cross_entropy(o, t), optimizer, (x, y), F.cross_entropy,
-                        step=0, max_grad_ratio=max_grad_ratio)
+                        max_grad_ratio=max_grad_ratio)
         return [p.detach() for p in model.parameters()]
 
     for bounded, expected in zip(params_after(5.0, 2.0), params_after(2.0, None), strict=True):

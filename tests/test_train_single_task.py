@@ -167,3 +167,40 @@ def test_the_shipped_adalfl_defaults_learn_and_keep_the_loss_scale_bounded(tmp_p
     assert results["test_error"] < 0.2  # chance is 0.9; the collapsed default stayed there
     ratios = [r["grad_norm_ratio"] for r in results["readouts"]]
     assert max(ratios) < 4.0 and min(ratios) > 0.1  # bounded at 2 in output space; parameter space may differ a little
+
+
+def test_a_non_finite_stop_before_any_checkpoint_says_so_and_names_only_the_methods_settings(
+        tmp_path, shared_data, capsys) -> None:
+    code = run_train(tmp_path, shared_data, "mse_california", "nan", *QUICK, "--set", "optimizer.lr=1e3")
+    expect_error(capsys, code, "non-finite at step", "lower optimizer.lr", "no checkpoint had been written yet")
+    run = tmp_path / "nan"
+    assert not (run / "results.json").exists() and not (run / "checkpoint.pt").exists()
+    code = run_train(tmp_path, shared_data, "mse_california", "nan2", *QUICK, "--set", "optimizer.lr=1e3")
+    assert "meta.lr" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "rmsprop"])
+def test_adalfl_trains_with_adaptive_base_optimizers_and_resumes_exactly(tmp_path, shared_data, monkeypatch,
+                                                                         optimizer) -> None:
+    args = [*QUICK, "--set", "model.name=mlp", "--set", f"optimizer.name={optimizer}", "--set", "optimizer.lr=1e-3",
+            "--set", "optimizer.nesterov=false", "--set", f"optimizer.momentum={0.5 if optimizer == 'rmsprop' else 0}"]
+    assert run_train(tmp_path, shared_data, "adalfl_california", "whole", *args) == 0
+    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopAfter)
+    StopAfter.reads_before_stop = 15
+    assert run_train(tmp_path, shared_data, "adalfl_california", "split", *args) == 130
+    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopRequest)
+    assert train.main(["--resume", str(tmp_path / "split"), "--data-root", str(shared_data)]) == 0
+    whole, split = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("whole", "split"))
+    assert split["history"] == whole["history"] and whole["test_mse"] < 2.0
+    state = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
+    assert "exp_avg" in str(state["optimizer"]) or "square_avg" in str(state["optimizer"])
+
+
+@pytest.mark.parametrize(("override", "fragment"), [
+    ("optimizer.name=adam", "optimizer.nesterov is an sgd setting"),
+    ("optimizer.name=lbfgs", "choose one of: sgd, adam, adamw, rmsprop"),
+])
+def test_optimizer_settings_that_do_not_fit_get_one_clear_message(tmp_path, shared_data, capsys, override,
+                                                                  fragment) -> None:
+    code = run_train(tmp_path, shared_data, "adalfl_california", "bad", *QUICK, "--set", override)
+    expect_error(capsys, code, fragment)

@@ -1,0 +1,94 @@
+"""AdaLFL as a training component for any loop: wrap a loss network, call `step`, done.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from adalfl import AdaptiveLoss
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    >>> loss = AdaptiveLoss(num_outputs=3)
+    >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    >>> stats = loss.step(model, optimizer, (x, y))  # one step of the model, then one of the loss
+    >>> bool(stats.finite), stats.meta_loss.shape
+    (True, torch.Size([]))
+
+`step` takes one real step of the user's model with the user's optimizer (SGD, Adam, AdamW or RMSprop, its
+state and hyper-parameters as they are) on the learned loss, then updates the loss network by the exact
+one-step meta-gradient of the task loss (cross-entropy or squared error) on the meta batch: the same batch
+unless one is given (see README, "AdaLFL: the defaults and why"). It returns the step's scalars as device
+tensors, so nothing waits on the device; check `stats.finite` when you read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adalfl.loss_network import OutputWiseLoss
+from adalfl.online_step import Batch, StepStats, online_step
+
+Task = Literal["classification", "regression"]
+
+
+def regression_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of a one-output model."""
+    return F.mse_loss(outputs.reshape(targets.shape), targets)
+
+
+class AdaptiveLoss:
+    """An output-wise learned loss M_phi, its meta optimizer (Adam) and AdaLFL's online update.
+
+    `form="residual"` (default) is the task loss plus a network whose output layer starts at zero;
+    `"network"` is the network alone. `max_grad_ratio` bounds the step's output-gradient norm at that many
+    times the task loss's (None: unbounded); `meta_clip` clips the meta-gradient's norm.
+    """
+
+    def __init__(
+        self,
+        num_outputs: int,
+        task: Task = "classification",
+        hidden: Sequence[int] = (40, 40),
+        beta: float = 2.0,
+        gamma: float = 0.25,
+        form: Literal["residual", "network"] = "residual",
+        meta_lr: float = 1e-3,
+        max_grad_ratio: float | None = 2.0,
+        meta_clip: float | None = None,
+    ) -> None:
+        if task not in ("classification", "regression"):
+            raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+        self.loss = OutputWiseLoss(
+            hidden, beta, gamma, prediction="softmax" if task == "classification" else "identity",
+            residual=form == "residual", num_outputs=num_outputs,
+        )
+        self.task_loss = F.cross_entropy if task == "classification" else regression_loss
+        self.meta_optimizer = torch.optim.Adam(self.loss.parameters(), lr=meta_lr)
+        self.max_grad_ratio, self.meta_clip = max_grad_ratio, meta_clip
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The learned loss's value (differentiable in the outputs)."""
+        return self.loss(outputs, targets)
+
+    def to(self, device: torch.device | str) -> AdaptiveLoss:
+        self.loss.to(device)
+        return self
+
+    def step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, meta_batch: Batch | None = None,
+        adapt: bool = True,
+    ) -> StepStats:
+        """One step of `model` by `optimizer` on `batch` with the learned loss; with `adapt`, then one update of
+        the loss from `meta_batch` (default: `batch`). Without `adapt` the loss stays frozen (ML3's phase 2)."""
+        meta = (self.loss, self.meta_optimizer, meta_batch if meta_batch is not None else batch) if adapt else None
+        return online_step(model, self.loss, optimizer, batch, self.task_loss, meta=meta,
+                           max_grad_ratio=self.max_grad_ratio, meta_clip=self.meta_clip)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss.load_state_dict(state["loss"])
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])

@@ -1,0 +1,24 @@
+"""A device-side record of the first step whose loss or meta-gradient was not finite, read only when the
+trainer checks it (at logging intervals and before checkpoints), so the step itself never waits on the device."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.errors import NonFiniteError
+
+
+class NonFiniteGuard:
+    """`record(finite, step)` after every step; `check(advice)` raises NonFiniteError naming the first bad step."""
+
+    def __init__(self) -> None:
+        self.first_bad: torch.Tensor | None = None
+
+    def record(self, finite: torch.Tensor, step: int) -> None:
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=finite.device)
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, step, self.first_bad)
+
+    def check(self, what: str, advice: str) -> None:
+        if self.first_bad is not None and (step := int(self.first_bad)) >= 0:
+            raise NonFiniteError(f"{what} became non-finite at step {step}; {advice}")
