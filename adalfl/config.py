@@ -157,6 +157,7 @@ class SingleTaskConfig:
     name: str | None = None  # run folder name under runs/; default <config>-<date>-<time>
     seed: int = 0
     device: str = "auto"  # auto picks CUDA when present
+    threads: int | None = None  # torch CPU threads, set for every family by engine/experiment.py; null: default
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

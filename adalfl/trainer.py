@@ -36,6 +36,7 @@ from adalfl.taylorglo import PENALTY, TaylorGLOLoss, TaylorGLOSearch
 from engine.checkpoint import load_checkpoint, restoring, save_checkpoint
 from engine.device import resolve_device
 from engine.errors import ConfigError, NonFiniteError
+from engine.hparams import log_hparams
 from engine.interrupt import StopRequest
 from engine.nonfinite_guard import NonFiniteGuard
 from engine.rng import rng_state, seed_everything, set_rng_state, step_generator
@@ -371,6 +372,18 @@ class SingleTaskTrainer:
             bar.close()
             writer.close()
 
+    def hparams(self) -> dict[str, Any]:
+        """The settings a grid varies, for TensorBoard's HParams dashboard."""
+        cfg = self.config
+        values = {"method": cfg.method, "model": cfg.model.name, "dataset": cfg.data.dataset, "seed": cfg.seed,
+                  "steps": cfg.train.steps, "optimizer": cfg.optimizer.name, "lr": cfg.optimizer.lr,
+                  "batch_size": cfg.train.batch_size}
+        if self.learns_loss:
+            meta = cfg.meta
+            values |= {"meta_lr": meta.lr, "init_steps": meta.init_steps, "loss_form": meta.loss_form,
+                       "batch_source": meta.batch_source, "max_grad_ratio": meta.max_grad_ratio}
+        return values
+
     def results(self) -> dict[str, Any]:
         final = self.history[-1]
         cfg = self.config
@@ -399,6 +412,9 @@ def train(config: SingleTaskConfig, run: RunDir, data_root: Path, resume: bool) 
         if trainer.step < config.train.steps:
             trainer.online_training(stop)
     results = trainer.results()
+    metric = trainer.metric
+    log_hparams(run.events, trainer.hparams(), {f"hparams/test_{metric}": results[f"test_{metric}"],
+                                                f"hparams/val_{metric}": results[f"val_{metric}"]})
     if trainer.loss_shapes:
         write_text_atomic(run.path / "loss_shapes.json", json.dumps(trainer.loss_shapes))
     write_results(run, results)

@@ -73,8 +73,7 @@ def run_experiment(
         run = new_run_dir(runs_root, name, to_dict(config))
     root = resolve_data_root(data_root, config.data.root)
     try:
-        # getattr until adalfl/config.py's SingleTaskConfig declares `threads` as EpisodicConfig does
-        set_threads(getattr(config, "threads", None))
+        set_threads(config.threads)
         return train(config, run=run, data_root=root, resume=resume is not None)
     except UserError:
         if resume is None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -33,3 +35,15 @@ def test_hparams_land_in_the_run_folder(tmp_path: Path) -> None:
     assert hparams == {"method": "npbml", "inner.lr": 0.1, "data.ways": 5.0, "root": "None",
                        "milestones": "[100, 200]", "nesterov": "True"}
     assert metrics == {"hparams/test_accuracy": 0.75, "hparams/test_ci95": 0.125}  # exact in float32
+
+
+def test_a_single_task_run_records_its_settings_and_final_metrics(tmp_path: Path, shared_data: Path) -> None:
+    from test_train_single_task import QUICK, run_train
+
+    assert run_train(tmp_path, shared_data, "adalfl_california", "run", *QUICK, "--set", "model.name=linear") == 0
+    hparams, metrics = read_hparams(tmp_path / "run" / "tensorboard")
+    assert hparams["method"] == "adalfl" and hparams["lr"] == 0.01 and hparams["batch_source"] == "same"
+    assert hparams["init_steps"] == 6 and hparams["seed"] == 0 and hparams["dataset"] == "california_housing"
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(metrics) == {"hparams/test_mse", "hparams/val_mse"}
+    assert metrics["hparams/test_mse"] == pytest.approx(results["test_mse"], rel=1e-6)  # float32 in the events

@@ -204,3 +204,14 @@ def test_optimizer_settings_that_do_not_fit_get_one_clear_message(tmp_path, shar
                                                                   fragment) -> None:
     code = run_train(tmp_path, shared_data, "adalfl_california", "bad", *QUICK, "--set", override)
     expect_error(capsys, code, fragment)
+
+
+def test_threads_sets_torch_threads_for_a_single_task_run(tmp_path, shared_data, monkeypatch) -> None:
+    seen = []
+    monkeypatch.setattr(adalfl.trainer, "train", lambda *a, **k: seen.append(torch.get_num_threads()) or {})
+    before = torch.get_num_threads()
+    try:
+        assert run_train(tmp_path, shared_data, "ce_mnist", "threads", *QUICK, "--set", "threads=2") == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2] and "threads: 2" in (tmp_path / "threads" / "config.yaml").read_text()
