@@ -12,8 +12,8 @@ import torch
 
 from engine.errors import ConfigError
 
-Method = Literal["ce", "mse", "label_smoothing", "taylorglo", "ml3", "adalfl"]
-"""ce / mse / label_smoothing: handcrafted loss; taylorglo: a Taylor-polynomial loss searched by CMA-ES,
+Method = Literal["ce", "mse", "label_smoothing", "sparse_lsr", "taylorglo", "ml3", "adalfl"]
+"""ce / mse / label_smoothing / sparse_lsr: handcrafted loss; taylorglo: a Taylor-polynomial loss searched by CMA-ES,
 then frozen; ml3: loss learned offline (phase 1) then frozen; adalfl: phase 1 + online."""
 METHODS: tuple[str, ...] = get_args(Method)
 
@@ -165,7 +165,7 @@ class SingleTaskConfig:
     loss_network: LossNetworkConfig = field(default_factory=LossNetworkConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     taylorglo: TaylorGLOConfig = field(default_factory=TaylorGLOConfig)
-    label_smoothing: float = 0.1  # method label_smoothing: weight of the uniform distribution in the targets
+    label_smoothing: float = 0.1  # label_smoothing, sparse_lsr: weight of the uniform distribution in the targets
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:

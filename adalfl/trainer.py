@@ -5,7 +5,7 @@ Phase 1 (ml3, adalfl): `meta.init_steps` meta steps, each one differentiable bas
 training batch followed by a loss-network update from the task loss on a meta batch; the base
 model is re-initialised every `meta.reset_period` steps. Phase 2: `train.steps` base steps of
 one model from a fresh initialisation; adalfl keeps meta-learning the loss at every step (the
-virtual step is the real step), ml3 freezes it, ce/mse/label_smoothing use a handcrafted loss.
+virtual step is the real step), ml3 freezes it, ce/mse/label_smoothing/sparse_lsr use a handcrafted loss.
 taylorglo first searches its loss with CMA-ES (checkpointed per generation), then trains with it frozen.
 For every method with a loss other than the task's own, phase 2 logs two readouts every
 `log.scalars_every` steps (adalfl/analysis.py): the gradient-norm ratio to the task loss and argmin_p l(1, p).
@@ -32,6 +32,7 @@ from adalfl.config import SingleTaskConfig
 from adalfl.implied_schedule import load_implied_schedule
 from adalfl.loss_network import OutputWiseLoss
 from adalfl.online_step import LossFn, StepStats, online_step
+from adalfl.sparse_lsr import sparse_label_smoothing
 from adalfl.taylorglo import PENALTY, TaylorGLOLoss, TaylorGLOSearch
 from engine.checkpoint import load_checkpoint, restoring, save_checkpoint
 from engine.device import resolve_device
@@ -64,6 +65,8 @@ class SingleTaskTrainer:
         self.handcrafted_loss: LossFn = self.task_loss
         if config.method == "label_smoothing":
             self.handcrafted_loss = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
+        if config.method == "sparse_lsr":
+            self.handcrafted_loss = functools.partial(sparse_label_smoothing, smoothing=config.label_smoothing)
         self.learns_loss = config.method in ("ml3", "adalfl")
         self.prediction = "softmax" if self.task.kind == "classification" else "identity"
 
@@ -96,8 +99,8 @@ class SingleTaskTrainer:
             raise ConfigError(f"method ce needs a classification data set; {self.task.name} is regression: use mse")
         if method == "mse" and kind == "classification":
             raise ConfigError(f"method mse needs a regression data set; {self.task.name} is classification: use ce")
-        if method == "label_smoothing" and kind == "regression":
-            raise ConfigError(f"method label_smoothing needs a classification data set; {self.task.name} is "
+        if method in ("label_smoothing", "sparse_lsr") and kind == "regression":
+            raise ConfigError(f"method {method} needs a classification data set; {self.task.name} is "
                               "regression: use mse")
 
     def advice(self) -> str:
