@@ -1,6 +1,6 @@
 """Readouts of the learned loss: its shape l(y, p) over predictions, as numbers and as a figure; the
-gradient-norm ratio to the task loss (the implicit learning-rate schedule) and argmin_p l(1, p) (adaptive
-label smoothing)."""
+gradient-norm ratio to the task loss (the implicit learning-rate schedule), argmin_p l(1, p) (adaptive
+label smoothing) and the model's mean confidence (softmax saturation)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,14 @@ def gradient_norm_ratio(
         grads = torch.autograd.grad(outputs, params, grad, retain_graph=True)
         norms.append(torch.sqrt(sum(g.pow(2).sum() for g in grads)).item())
     return scale * norms[0] / norms[1] if norms[1] > 0 else float("nan")
+
+
+def mean_confidence(model: nn.Module, inputs: torch.Tensor) -> float:
+    """Mean over `inputs` of the largest softmax probability: near 1 everywhere means a saturated model,
+    whose softmax passes almost no gradient. Batch statistics, running statistics and random state untouched."""
+    devices = [torch.cuda.current_device()] if inputs.is_cuda else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), batch_statistics_only(model):
+        return model(inputs).softmax(dim=-1).amax(dim=-1).mean().item()
 
 
 def loss_shape_figure(shape: dict[str, list[float]], title: str) -> Figure:

@@ -65,16 +65,20 @@ def learning_curves(histories: Mapping[str, Sequence[Series]], metric: str, path
 
 
 def readout_curves(readouts: Mapping[str, Sequence[Series]], path: Path) -> Path:
-    """The gradient-norm ratio to the task loss (implicit learning-rate schedule; geometric mean and std)
-    and argmin_p l(1, p) (adaptive label smoothing) against gradient steps, mean over seeds with a band."""
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    _bands(axes[0], readouts, "grad_norm_ratio", log=True)
-    axes[0].set_yscale("log")
-    axes[0].axhline(1.0, color="grey", linestyle=":", linewidth=1)
-    axes[0].set_ylabel("||grad learned loss|| / ||grad task loss||")
-    _bands(axes[1], readouts, "argmin_p_y1")
-    axes[1].set_ylabel("argmin_p l(y=1, p)")
-    for axis, title in zip(axes, ("implicit learning-rate schedule", "where l(1, p) is minimal"), strict=True):
+    """The gradient-norm ratio to the task loss (implicit learning-rate schedule; geometric mean and std),
+    argmin_p l(1, p) (adaptive label smoothing) and, for classification, the model's mean confidence
+    (softmax saturation) against gradient steps, mean over seeds with a band."""
+    panels = [("grad_norm_ratio", "||grad learned loss|| / ||grad task loss||", "implicit learning-rate schedule"),
+              ("argmin_p_y1", "argmin_p l(y=1, p)", "where l(1, p) is minimal")]
+    if all("confidence" in r for runs in readouts.values() for run in runs for r in run):
+        panels.append(("confidence", "mean max softmax probability", "confidence (saturation)"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
+    for axis, (key, ylabel, title) in zip(axes, panels, strict=True):
+        _bands(axis, readouts, key, log=key == "grad_norm_ratio")
+        if key == "grad_norm_ratio":
+            axis.set_yscale("log")
+            axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+        axis.set_ylabel(ylabel)
         axis.set_xlabel("gradient steps")
         axis.set_title(title)
         axis.grid(alpha=0.3)

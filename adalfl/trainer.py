@@ -27,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from adalfl.adaptive_loss import AdaptiveLoss, regression_loss
-from adalfl.analysis import argmin_prediction, gradient_norm_ratio, loss_shape, loss_shape_figure
+from adalfl.analysis import argmin_prediction, gradient_norm_ratio, loss_shape, loss_shape_figure, mean_confidence
 from adalfl.config import SingleTaskConfig
 from adalfl.implied_schedule import load_implied_schedule
 from adalfl.loss_network import OutputWiseLoss
@@ -89,6 +89,7 @@ class SingleTaskTrainer:
         self.history: list[dict[str, float]] = []
         self.loss_shapes: list[dict[str, Any]] = []
         self.readouts: list[dict[str, float]] = []
+        self.init_readouts: list[dict[str, float]] = []  # phase 1's, at log.scalars_every
         self.wall_time = 0.0
         self.metric = "error" if self.task.kind == "classification" else "mse"
         self.guard = NonFiniteGuard()
@@ -170,7 +171,8 @@ class SingleTaskTrainer:
     def state_dict(self) -> dict[str, Any]:
         state = {
             "step": self.step, "init_step": self.init_step, "history": self.history,
-            "loss_shapes": self.loss_shapes, "readouts": self.readouts, "wall_time": self.wall_time,
+            "loss_shapes": self.loss_shapes, "readouts": self.readouts, "init_readouts": self.init_readouts,
+            "wall_time": self.wall_time,
             "rng": rng_state(), "search": self.search,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -185,7 +187,7 @@ class SingleTaskTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.init_step = state["step"], state["init_step"]
         self.history, self.loss_shapes, self.wall_time = state["history"], state["loss_shapes"], state["wall_time"]
-        self.readouts, self.search = state.get("readouts", []), state.get("search")  # absent before readouts
+        self.readouts, self.init_readouts, self.search = state["readouts"], state["init_readouts"], state["search"]
         if self.search is not None and self.search.generation == self.config.taylorglo.generations:
             self._use_searched_loss()
         self.model.load_state_dict(state["model"])
@@ -236,18 +238,36 @@ class SingleTaskTrainer:
         self.loss_shapes.append({"phase": phase, "step": step, **shape})
         writer.add_figure("learned_loss/shape", loss_shape_figure(shape, f"{phase} step {step}"), step)
 
-    def _log_readouts(self, writer: SummaryWriter) -> None:
-        """The implicit learning-rate schedule and the adaptive label smoothing of the loss in use."""
-        batch = self._batch("train", self.step - 1, TRAIN_STREAM)
+    def _readout(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> dict[str, float]:
+        """The implicit learning-rate schedule and adaptive label smoothing of the loss in use at `model`, and
+        (classification) the model's mean confidence on `batch`."""
         record = {
-            "step": self.step,
-            "grad_norm_ratio": gradient_norm_ratio(self.model, self.loss_net, self.task_loss, batch,
+            "step": step,
+            "grad_norm_ratio": gradient_norm_ratio(model, self.loss_net, self.task_loss, batch,
                                                    self.adaptive.max_grad_ratio if self.adaptive else None),
             "argmin_p_y1": argmin_prediction(loss_shape(self.loss_net)),
         }
+        if self.metric == "error":
+            record["confidence"] = mean_confidence(model, batch[0])
+        return record
+
+    def _log_readouts(self, writer: SummaryWriter) -> None:
+        record = self._readout(self.model, self._batch("train", self.step - 1, TRAIN_STREAM), self.step)
         self.readouts.append(record)
-        writer.add_scalar("analysis/grad_norm_ratio", record["grad_norm_ratio"], self.step)
-        writer.add_scalar("analysis/argmin_p_y1", record["argmin_p_y1"], self.step)
+        for key, value in record.items():
+            if key != "step":
+                writer.add_scalar(f"analysis/{key}", value, self.step)
+
+    def _log_init_readouts(self, writer: SummaryWriter, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Phase 1: the gradient-norm ratio the first online step would see (at the phase-2 initialisation)
+        and the confidence of the probe model after its step with the learned loss."""
+        record = self._readout(self._fresh_base(stream=0)[0], batch, self.init_step)
+        if self.metric == "error":
+            record["confidence"] = mean_confidence(self.init_model[0], batch[0])
+        self.init_readouts.append(record)
+        for key, value in record.items():
+            if key != "step":
+                writer.add_scalar(f"analysis/{key}", value, self.init_step)
 
     def _log_evaluation(self, writer: SummaryWriter) -> dict[str, float]:
         record: dict[str, float] = {"step": self.step}
@@ -279,6 +299,7 @@ class SingleTaskTrainer:
                 self.wall_time += time.perf_counter() - started
                 if self.init_step % self.config.log.scalars_every == 0:
                     values = self._log_step(writer, "init", self.init_step, stats)
+                    self._log_init_readouts(writer, batch)
                     bar.set_postfix(learned=f"{values['learned_loss']:.4f}", meta=f"{values['meta_loss']:.4f}",
                                     refresh=False)
                 bar.update()
@@ -395,7 +416,7 @@ class SingleTaskTrainer:
             "steps": self.step, "init_steps": self.init_step if self.learns_loss else 0,
             f"test_{self.metric}": final[f"test_{self.metric}"], f"val_{self.metric}": final[f"val_{self.metric}"],
             "test_loss": final["test_loss"], "wall_time_s": round(self.wall_time, 3), "history": self.history,
-            "readouts": self.readouts,
+            "readouts": self.readouts, "init_readouts": self.init_readouts,
             **({"taylorglo_theta": self.search.best_theta} if self.search is not None else {}),
         }
 

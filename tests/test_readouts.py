@@ -54,3 +54,14 @@ def test_handcrafted_runs_have_no_readouts(tmp_path, shared_data) -> None:
     args = [*QUICK, "--set", "method=mse", "--set", "model.name=linear"]
     assert run_train(tmp_path, shared_data, "adalfl_california", "run", *args) == 0
     assert json.loads((tmp_path / "run" / "results.json").read_text())["readouts"] == []
+
+
+def test_phase_1_records_what_the_first_online_step_would_see(tmp_path, shared_data) -> None:
+    from test_train_single_task import MNIST_QUICK
+
+    assert run_train(tmp_path, shared_data, "adalfl_mnist", "run", *MNIST_QUICK) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [r["step"] for r in results["init_readouts"]] == [4]  # 6 offline steps, scalars every 4
+    assert all(r["grad_norm_ratio"] > 0 and 0.1 <= r["confidence"] <= 1 for r in results["init_readouts"])
+    assert all(0.1 <= r["confidence"] <= 1 for r in results["readouts"])
+    assert {"analysis/grad_norm_ratio", "analysis/confidence"} <= scalar_tags(tmp_path / "run" / "tensorboard" / "init")
