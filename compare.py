@@ -40,7 +40,7 @@ from adalfl import figures
 from engine.run_dir import RunDir
 
 FINAL_METRICS = ("test_error", "test_mse", "test_accuracy")  # the first one a results.json holds is reported
-METHOD_ORDER = ("ce", "mse", "label_smoothing", "sparse_lsr", "taylorglo", "ml3", "adalfl")
+METHOD_ORDER = ("ce", "mse", "label_smoothing", "sparse_lsr", "taylorglo", "evomal", "ml3", "adalfl")
 SWEEP_FILE = "sweep.json"
 
 

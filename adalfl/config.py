@@ -12,9 +12,10 @@ import torch
 
 from engine.errors import ConfigError
 
-Method = Literal["ce", "mse", "label_smoothing", "sparse_lsr", "taylorglo", "ml3", "adalfl"]
+Method = Literal["ce", "mse", "label_smoothing", "sparse_lsr", "taylorglo", "evomal", "ml3", "adalfl"]
 """ce / mse / label_smoothing / sparse_lsr: handcrafted loss; taylorglo: a Taylor-polynomial loss searched by CMA-ES,
-then frozen; ml3: loss learned offline (phase 1) then frozen; adalfl: phase 1 + online."""
+then frozen; evomal: a symbolic loss searched by genetic programming with a gradient local search, then frozen;
+ml3: loss learned offline (phase 1) then frozen; adalfl: phase 1 + online."""
 METHODS: tuple[str, ...] = get_args(Method)
 
 
@@ -146,6 +147,41 @@ class TaylorGLOConfig:
 
 
 @dataclass
+class EvoMALConfig:
+    """EvoMAL's search (adalfl/evomal.py): genetic programming over loss expressions l(y, f(x)), each new candidate
+    rejection-tested, its edge weights tuned by `local_search_steps` offline meta steps, and scored by the validation
+    metric of a fresh base model trained `fitness_steps` steps with it. Defaults: the reference code's settings."""
+
+    population: int = 25
+    generations: int = 50
+    crossover: float = 0.7  # one-point crossover
+    mutation: float = 0.25  # uniform subtree mutation; reproduction takes the rest
+    tournament: int = 4  # tournament size of the selection
+    max_height: int = 10  # an over-height child is replaced by its parent
+    init_min_height: int = 2  # ramped half-and-half initialisation
+    init_max_height: int = 4
+    local_search_steps: int = 250  # offline meta steps of the edge weights per candidate (0: no local search)
+    local_search_lr: float = 1e-3  # Adam on the edge weights
+    fitness_steps: int = 500  # base steps of each candidate's scored training run
+    rejection_steps: int = 100  # Adam steps on the sampled outputs in the rejection test (reference: 1,000 off MNIST)
+    rejection_examples: int = 100  # training examples whose outputs the rejection test optimises
+
+    def __post_init__(self) -> None:
+        require(self.population >= 2, f"evomal.population = {self.population} must be at least 2")
+        for key in ("generations", "tournament", "fitness_steps", "rejection_steps", "rejection_examples"):
+            require(getattr(self, key) >= 1, f"evomal.{key} = {getattr(self, key)} must be at least 1")
+        require(self.local_search_steps >= 0, f"evomal.local_search_steps = {self.local_search_steps} must be at "
+                "least 0")
+        require(self.local_search_lr > 0, f"evomal.local_search_lr = {self.local_search_lr} must be positive")
+        require(0 <= self.init_min_height <= self.init_max_height <= self.max_height,
+                f"evomal heights must satisfy 0 <= init_min_height ({self.init_min_height}) <= init_max_height "
+                f"({self.init_max_height}) <= max_height ({self.max_height})")
+        require(self.crossover >= 0 and self.mutation >= 0 and self.crossover + self.mutation <= 1,
+                f"evomal.crossover ({self.crossover}) and evomal.mutation ({self.mutation}) must be non-negative "
+                "and sum to at most 1 (reproduction takes the rest)")
+
+
+@dataclass
 class LogConfig:
     scalars_every: int = 50
     loss_shape_every: int = 1_000  # learned-loss curves l(y, p) as a TensorBoard figure
@@ -165,6 +201,7 @@ class SingleTaskConfig:
     loss_network: LossNetworkConfig = field(default_factory=LossNetworkConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     taylorglo: TaylorGLOConfig = field(default_factory=TaylorGLOConfig)
+    evomal: EvoMALConfig = field(default_factory=EvoMALConfig)
     label_smoothing: float = 0.1  # label_smoothing, sparse_lsr: weight of the uniform distribution in the targets
     log: LogConfig = field(default_factory=LogConfig)
 

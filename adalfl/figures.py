@@ -18,7 +18,7 @@ from matplotlib.figure import Figure  # noqa: E402
 DPI = 100
 # the same method has the same colour in every figure
 COLOURS = {"ce": "tab:blue", "mse": "tab:blue", "label_smoothing": "tab:purple", "sparse_lsr": "tab:pink",
-           "taylorglo": "tab:red", "ml3": "tab:orange", "adalfl": "tab:green"}
+           "taylorglo": "tab:red", "evomal": "tab:brown", "ml3": "tab:orange", "adalfl": "tab:green"}
 Series = Sequence[Mapping[str, float]]  # one run's records, each with a "step"
 
 

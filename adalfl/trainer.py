@@ -1,4 +1,4 @@
-"""Single-task training with a handcrafted, searched (TaylorGLO), offline-learned (ML3) or online-adapted
+"""Single-task training with a handcrafted, searched (TaylorGLO, EvoMAL), offline-learned (ML3) or online-adapted
 (AdaLFL) loss.
 
 Phase 1 (ml3, adalfl): `meta.init_steps` meta steps, each one differentiable base step on a
@@ -6,7 +6,8 @@ training batch followed by a loss-network update from the task loss on a meta ba
 model is re-initialised every `meta.reset_period` steps. Phase 2: `train.steps` base steps of
 one model from a fresh initialisation; adalfl keeps meta-learning the loss at every step (the
 virtual step is the real step), ml3 freezes it, ce/mse/label_smoothing/sparse_lsr use a handcrafted loss.
-taylorglo first searches its loss with CMA-ES (checkpointed per generation), then trains with it frozen.
+taylorglo first searches its loss with CMA-ES, evomal with genetic programming and a gradient local search (both
+checkpointed per generation), then trains with it frozen.
 For every method with a loss other than the task's own, phase 2 logs two readouts every
 `log.scalars_every` steps (adalfl/analysis.py): the gradient-norm ratio to the task loss and argmin_p l(1, p).
 """
@@ -29,11 +30,13 @@ from tqdm import tqdm
 from adalfl.adaptive_loss import AdaptiveLoss, regression_loss
 from adalfl.analysis import argmin_prediction, gradient_norm_ratio, loss_shape, loss_shape_figure, mean_confidence
 from adalfl.config import SingleTaskConfig
+from adalfl.evomal import Episode, Evaluation, EvoMALLoss, EvoMALSearch, improves_predictions, local_search
+from adalfl.gp_expression import Expression
 from adalfl.implied_schedule import load_implied_schedule
 from adalfl.loss_network import OutputWiseLoss
-from adalfl.online_step import LossFn, StepStats, online_step
+from adalfl.online_step import Batch, LossFn, StepStats, online_step
 from adalfl.sparse_lsr import sparse_label_smoothing
-from adalfl.taylorglo import PENALTY, TaylorGLOLoss, TaylorGLOSearch
+from adalfl.taylorglo import TaylorGLOLoss, TaylorGLOSearch
 from engine.checkpoint import load_checkpoint, restoring, save_checkpoint
 from engine.device import resolve_device
 from engine.errors import ConfigError, NonFiniteError
@@ -48,6 +51,7 @@ from tasks.supervised import SupervisedTask, batch_indices, load_task
 # Independent random streams: (batch order, augmentation) per phase and split.
 TRAIN_STREAM, META_STREAM, INIT_TRAIN_STREAM, INIT_META_STREAM = 0, 1, 2, 3
 SEARCH_INIT_STREAM = 10_000_000  # + generation: the base-model initialisation of TaylorGLO's candidates
+EVOMAL_STREAM = 20_000_000  # EvoMAL's fitness (and rejection-test) model; + 1 + k: its local search's step k
 
 
 class SingleTaskTrainer:
@@ -80,9 +84,11 @@ class SingleTaskTrainer:
                 meta_lr=config.meta.lr, max_grad_ratio=config.meta.max_grad_ratio, meta_clip=config.meta.clip_grad_norm,
             ).to(self.device)
             self.loss_net = self.adaptive.loss
-        self.search: TaylorGLOSearch | None = None
+        self.search: TaylorGLOSearch | EvoMALSearch | None = None
         if config.method == "taylorglo":
             self.search = TaylorGLOSearch(config.taylorglo.population, config.taylorglo.sigma, config.seed)
+        if config.method == "evomal":
+            self.search = EvoMALSearch(config.evomal, config.seed)
         self.init_step = 0 if self.learns_loss else config.meta.init_steps
         self.init_model: tuple[nn.Module, torch.optim.Optimizer, Any] | None = None
         self.step = 0
@@ -188,7 +194,7 @@ class SingleTaskTrainer:
         self.step, self.init_step = state["step"], state["init_step"]
         self.history, self.loss_shapes, self.wall_time = state["history"], state["loss_shapes"], state["wall_time"]
         self.readouts, self.init_readouts, self.search = state["readouts"], state["init_readouts"], state["search"]
-        if self.search is not None and self.search.generation == self.config.taylorglo.generations:
+        if self.search is not None and self.search.generation == self.search_generations:
             self._use_searched_loss()
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -311,36 +317,83 @@ class SingleTaskTrainer:
             bar.close()
             writer.close()
 
-    def _use_searched_loss(self) -> None:
-        self.loss_net = TaylorGLOLoss(self.search.best_theta, self.prediction).to(self.device)
+    @property
+    def search_generations(self) -> int:
+        """Generations of the loss search (taylorglo, evomal)."""
+        cfg = self.config
+        return cfg.evomal.generations if cfg.method == "evomal" else cfg.taylorglo.generations
 
-    def _candidate_fitness(self, theta: list[float]) -> float:
-        """Validation metric of a fresh base model after `taylorglo.eval_steps` steps with loss `theta`."""
-        loss = TaylorGLOLoss(theta, self.prediction).to(self.device)
-        model, optimizer, _ = self._fresh_base(stream=SEARCH_INIT_STREAM + self.search.generation)
+    def _use_searched_loss(self) -> None:
+        if isinstance(self.search, TaylorGLOSearch):
+            self.loss_net = TaylorGLOLoss(self.search.best_theta, self.prediction).to(self.device)
+            return
+        if not math.isfinite(self.search.best_fitness):
+            raise NonFiniteError("every EvoMAL candidate was rejected or diverged; raise evomal.population or "
+                                 f"evomal.generations, or lower optimizer.lr (now {self.config.optimizer.lr:g})")
+        self.loss_net = self.search.best_loss(self.prediction).to(self.device)
+
+    def _short_run_metric(self, loss: nn.Module, steps: int, stream: int) -> float:
+        """Validation metric of a fresh base model (seeded by `stream`) after `steps` steps with `loss`; inf when
+        the training was not finite."""
+        model, optimizer, _ = self._fresh_base(stream=stream)
         finite = torch.ones((), dtype=torch.bool, device=self.device)
-        for k in range(self.config.taylorglo.eval_steps):
+        for k in range(steps):
             stats = online_step(model, loss, optimizer, self._batch("train", k, INIT_TRAIN_STREAM), self.task_loss)
             finite = finite & stats.finite
         if not bool(finite):
-            return PENALTY
+            return math.inf
         value = self.evaluate(model, "val")[self.metric]
-        return value if math.isfinite(value) else PENALTY
+        return value if math.isfinite(value) else math.inf
 
-    def taylorglo_search(self, stop: StopRequest) -> None:
-        """TaylorGLO: CMA-ES generations on validation error, checkpointed after each; then the best loss."""
-        cfg = self.config.taylorglo
+    def _candidate_fitness(self, theta: list[float]) -> float:
+        """Validation metric of a fresh base model after `taylorglo.eval_steps` steps with loss `theta` (the search
+        scores a non-finite one as its penalty)."""
+        loss = TaylorGLOLoss(theta, self.prediction).to(self.device)
+        stream = SEARCH_INIT_STREAM + self.search.generation
+        return self._short_run_metric(loss, self.config.taylorglo.eval_steps, stream)
+
+    @functools.cached_property
+    def _rejection_sample(self) -> Batch:
+        """EvoMAL's rejection test data: the fitness model's initial outputs on the first training examples."""
+        model, _, _ = self._fresh_base(stream=EVOMAL_STREAM)
+        size = min(self.config.evomal.rejection_examples, self.task.size("train"))
+        inputs, targets = self.task.batch("train", torch.arange(size), device=self.device)
+        with torch.no_grad():
+            return model(inputs), targets
+
+    def _local_search_episode(self, k: int) -> Episode:
+        model, optimizer, _ = self._fresh_base(stream=EVOMAL_STREAM + 1 + k)
+        return model, optimizer, self._batch("train", k, INIT_TRAIN_STREAM), self._batch("val", k, INIT_META_STREAM)
+
+    def _evomal_fitness(self, tree: Expression) -> Evaluation:
+        """The rejection test, the local search of the edge weights, then the validation metric of a fresh base
+        model (the same initialisation for every candidate) after `evomal.fitness_steps` steps with the loss."""
+        cfg = self.config.evomal
+        loss = EvoMALLoss(tree, self.prediction).to(self.device)
+        if not improves_predictions(loss, *self._rejection_sample, cfg.rejection_steps):
+            return Evaluation(math.inf, loss.weights.tolist(), "rejected")
+        finite = local_search(loss, cfg.local_search_steps, cfg.local_search_lr, self._local_search_episode,
+                              self.task_loss)
+        loss.requires_grad_(False)
+        fitness = self._short_run_metric(loss, cfg.fitness_steps, EVOMAL_STREAM) if bool(finite) else math.inf
+        return Evaluation(fitness, loss.weights.tolist(), "trained" if math.isfinite(fitness) else "diverged")
+
+    def loss_search(self, stop: StopRequest) -> None:
+        """TaylorGLO / EvoMAL: generations of the loss search on the validation metric, checkpointed after each;
+        then the best loss."""
+        method, generations = self.config.method, self.search_generations
+        fitness = self._evomal_fitness if method == "evomal" else self._candidate_fitness
         writer = SummaryWriter(self.run.events / "search", purge_step=self.search.generation)
-        bar = tqdm(total=cfg.generations, initial=self.search.generation, desc="taylorglo search",
+        bar = tqdm(total=generations, initial=self.search.generation, desc=f"{method} search",
                    unit="generation", dynamic_ncols=True)
         try:
-            while self.search.generation < cfg.generations:
+            while self.search.generation < generations:
                 started = time.perf_counter()
-                record = self.search.step(self._candidate_fitness)
+                record = self.search.step(fitness)
                 self.wall_time += time.perf_counter() - started
                 for key in ("best", "median", "best_so_far"):
-                    writer.add_scalar(f"taylorglo/{key}_val_{self.metric}", record[key], record["generation"])
-                write_text_atomic(self.run.path / "taylorglo_search.json", json.dumps(self.search.log, indent=1))
+                    writer.add_scalar(f"{method}/{key}_val_{self.metric}", record[key], record["generation"])
+                write_text_atomic(self.run.path / f"{method}_search.json", json.dumps(self.search.log, indent=1))
                 bar.update()
                 bar.set_postfix(best=f"{self.search.best_fitness:.4f}")
                 self.save()
@@ -350,6 +403,8 @@ class SingleTaskTrainer:
             bar.close()
             writer.close()
         self._use_searched_loss()
+        if isinstance(self.loss_net, EvoMALLoss):
+            print(f"evomal: best loss {self.loss_net.formula()} (val {self.metric} {self.search.best_fitness:.4f})")
 
     def online_training(self, stop: StopRequest) -> None:
         """Phase 2: train the model for `train.steps` steps; adalfl adapts the loss at every step."""
@@ -417,7 +472,9 @@ class SingleTaskTrainer:
             f"test_{self.metric}": final[f"test_{self.metric}"], f"val_{self.metric}": final[f"val_{self.metric}"],
             "test_loss": final["test_loss"], "wall_time_s": round(self.wall_time, 3), "history": self.history,
             "readouts": self.readouts, "init_readouts": self.init_readouts,
-            **({"taylorglo_theta": self.search.best_theta} if self.search is not None else {}),
+            **({"taylorglo_theta": self.search.best_theta} if isinstance(self.search, TaylorGLOSearch) else {}),
+            **({"evomal_expression": self.loss_net.formula(), "evomal_tree": str(self.loss_net.tree)}
+               if isinstance(self.search, EvoMALSearch) else {}),
         }
 
 
@@ -431,8 +488,8 @@ def train(config: SingleTaskConfig, run: RunDir, data_root: Path, resume: bool) 
     with StopRequest() as stop:
         if trainer.learns_loss and trainer.init_step < config.meta.init_steps:
             trainer.offline_initialisation(stop)
-        if trainer.search is not None and trainer.search.generation < config.taylorglo.generations:
-            trainer.taylorglo_search(stop)
+        if trainer.search is not None and trainer.search.generation < trainer.search_generations:
+            trainer.loss_search(stop)
         if trainer.step < config.train.steps:
             trainer.online_training(stop)
     results = trainer.results()

@@ -17,7 +17,7 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 # (see README, "Environment").
 "${pip[@]}" "torch==2.14.1" "torchvision==0.29.1"
 "${pip[@]}" "tensorboard>=2.15" "pyyaml>=6" "pytest>=7" "tqdm" "numpy" "matplotlib" "scipy" "gym==0.26.2" \
-  "cma>=3.3" "ruff" "cython==0.29.37" "setuptools" "wheel"
+  "cma>=3.3" "deap>=1.4" "ruff" "cython==0.29.37" "setuptools" "wheel"
 
 if ! "$venv/bin/python" -c "import learn2learn" 2>/dev/null; then
   # learn2learn 0.2.0 ships only an sdist whose generated C files predate Python 3.11:
