@@ -404,7 +404,10 @@ class SingleTaskTrainer:
             writer.close()
         self._use_searched_loss()
         if isinstance(self.loss_net, EvoMALLoss):
-            print(f"evomal: best loss {self.loss_net.formula()} (val {self.metric} {self.search.best_fitness:.4f})")
+            formula = self.loss_net.formula()
+            with SummaryWriter(self.run.events / "search") as text_writer:
+                text_writer.add_text("evomal/best_loss", formula, self.search.generation)
+            print(f"evomal: best loss {formula} (val {self.metric} {self.search.best_fitness:.4f})")
 
     def online_training(self, stop: StopRequest) -> None:
         """Phase 2: train the model for `train.steps` steps; adalfl adapts the loss at every step."""

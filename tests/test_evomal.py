@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train_single_task import MNIST_QUICK, QUICK, StopAfter, expect_error, run_train, scalar_tags
 from torch import nn
 
@@ -167,8 +168,8 @@ def test_the_search_resumes_from_a_pickle_and_leaves_the_global_random_state_alo
 
 
 @pytest.mark.parametrize(("config", "extra", "metric"), [
-    ("ce_mnist", MNIST_QUICK, "error"),
-    ("mse_california", QUICK, "mse"),
+    ("evomal_mnist", MNIST_QUICK, "error"),
+    ("evomal_california", QUICK, "mse"),
 ])
 def test_a_searched_run_writes_its_expression_search_record_and_loss_shape(tmp_path, shared_data, capsys, config,
                                                                            extra, metric) -> None:
@@ -185,6 +186,9 @@ def test_a_searched_run_writes_its_expression_search_record_and_loss_shape(tmp_p
     assert shapes[0]["phase"] == "online" and all(math.isfinite(v) for v in shapes[0]["y=1"])
     assert f"evomal/best_val_{metric}" in scalar_tags(run / "tensorboard" / "search")
     assert "analysis/grad_norm_ratio" in scalar_tags(run / "tensorboard")
+    events = EventAccumulator(str(run / "tensorboard" / "search"))
+    events.Reload()
+    assert "evomal/best_loss/text_summary" in events.Tags()["tensors"]
 
 
 def test_a_run_interrupted_after_a_generation_resumes_exactly(tmp_path, shared_data, monkeypatch) -> None:
