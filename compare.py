@@ -15,9 +15,9 @@ overrides of its own (an ablation variant; "{seed}" in a value becomes the cell'
 the value with the lowest mean final validation metric over the seeds is chosen (sweep.json), and the other
 methods run at that value unless their label sets KEY itself. Then <out> gets summary.csv and summary.md
 (mean and std of the final test metric per method over seeds, with their number, and the mean 95% CI where
-the runs report one) and PNG figures: learning_curves.png, readouts.png, loss_evolution_<label>.png,
-accuracy.png. --jobs N runs N cells at once as separate processes (each with cores / N threads, its output
-in <out>/logs/).
+the runs report one) and PNG figures: learning_curves.png, readouts.png, init_readouts.png (phase 1),
+loss_evolution_<label>.png, accuracy.png. --jobs N runs N cells at once as separate processes (each with
+cores / N threads, its output in <out>/logs/).
 """
 
 from __future__ import annotations
@@ -246,6 +246,10 @@ def write_figures(out: Path, groups: dict[str, list[tuple[Path, dict[str, Any]]]
                 if all(r.get("readouts") for _, r in cells)}
     if readouts:
         written.append(figures.readout_curves(readouts, out / "readouts.png"))
+    init_readouts = {label: [r["init_readouts"] for _, r in cells] for label, cells in groups.items()
+                     if all(r.get("init_readouts") for _, r in cells)}
+    if init_readouts:  # phase 1: at the phase-2 initialisation, against offline meta steps
+        written.append(figures.readout_curves(init_readouts, out / "init_readouts.png", "offline meta steps"))
     for label, cells in groups.items():
         shapes = cells[0][0] / "loss_shapes.json"
         if shapes.is_file():

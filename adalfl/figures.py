@@ -64,7 +64,7 @@ def learning_curves(histories: Mapping[str, Sequence[Series]], metric: str, path
     return _save(figure, path)
 
 
-def readout_curves(readouts: Mapping[str, Sequence[Series]], path: Path) -> Path:
+def readout_curves(readouts: Mapping[str, Sequence[Series]], path: Path, steps: str = "gradient steps") -> Path:
     """The gradient-norm ratio to the task loss (implicit learning-rate schedule; geometric mean and std),
     argmin_p l(1, p) (adaptive label smoothing) and, for classification, the model's mean confidence
     (softmax saturation) against gradient steps, mean over seeds with a band."""
@@ -79,7 +79,7 @@ def readout_curves(readouts: Mapping[str, Sequence[Series]], path: Path) -> Path
             axis.set_yscale("log")
             axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
         axis.set_ylabel(ylabel)
-        axis.set_xlabel("gradient steps")
+        axis.set_xlabel(steps)
         axis.set_title(title)
         axis.grid(alpha=0.3)
         axis.legend()

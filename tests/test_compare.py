@@ -46,7 +46,7 @@ def test_a_tiny_grid_runs_every_cell_and_writes_summaries_and_figures(tmp_path, 
         assert row["metric"] == "test_mse" and row["n"] == "2"
         assert float(row["mean"]) == pytest.approx(sum(values) / 2)
     assert "| adalfl | test_mse | 2 |" in (out / "summary.md").read_text()
-    for figure in ("learning_curves.png", "readouts.png", "loss_evolution_adalfl.png"):
+    for figure in ("learning_curves.png", "readouts.png", "init_readouts.png", "loss_evolution_adalfl.png"):
         assert (out / figure).stat().st_size > 1_000
     assert not (out / "loss_evolution_mse.png").exists() and not (out / "accuracy.png").exists()
 
