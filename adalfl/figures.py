@@ -41,12 +41,22 @@ def _save(figure: Figure, path: Path) -> Path:
     return path
 
 
+def label_colours(labels: Sequence[str]) -> dict[str, str]:
+    """A method's own colour where it has one; every other label a distinct colour none of those use."""
+    reserved = set(COLOURS.values())
+    spare = iter(c for c in (f"tab:{n}" for n in ("gray", "olive", "cyan", "brown", "red", "purple", "orange",
+                                                    "pink", "blue", "green")) if c not in reserved)
+    spare_more = iter(plt.get_cmap("tab20").colors[1::2])  # the light shades, distinct from the methods'
+    return {label: COLOURS.get(label) or next(spare, None) or next(spare_more) for label in labels}
+
+
 def _bands(axis: Any, runs_by_label: Mapping[str, Sequence[Series]], key: str, log: bool = False) -> None:
+    colours = label_colours(list(runs_by_label))
     for label, runs in runs_by_label.items():
         steps, centre, lower, upper = mean_band(runs, key, log)
         if len(steps) == 0:
             continue
-        line = axis.plot(steps, centre, label=f"{label} (n={len(runs)})", color=COLOURS.get(label))[0]
+        line = axis.plot(steps, centre, label=f"{label} (n={len(runs)})", color=colours[label])[0]
         axis.fill_between(steps, lower, upper, color=line.get_color(), alpha=0.2)
 
 

@@ -144,3 +144,11 @@ def test_a_swept_baseline_picks_its_value_on_validation_and_the_others_run_there
     summary = read_summary(out)
     assert set(summary) == {"mse@optimizer.lr=0.0001", "mse@optimizer.lr=0.03", "adalfl"}
     assert "**optimizer.lr = 0.03**" in (out / "summary.md").read_text()
+
+
+def test_every_label_of_a_figure_gets_its_own_colour() -> None:
+    from adalfl.figures import COLOURS, label_colours
+
+    labels = ["ce", "adalfl", "ml3", *(f"ce@optimizer.lr={v}" for v in (0.01, 0.03, 0.1, 0.3)), "a", "b", "c"]
+    colours = label_colours(labels)
+    assert colours["adalfl"] == COLOURS["adalfl"] and len(set(map(str, colours.values()))) == len(labels)
