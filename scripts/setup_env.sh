@@ -20,7 +20,7 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "tensorboard>=2.15" "pyyaml>=6" "pytest>=7" "tqdm" "numpy" "matplotlib" "scipy" "requests" "gym==0.26.2" \
   "cma>=3.3" "deap>=1.4" "ruff" "cython==0.29.37" "setuptools" "wheel"
 
-if ! "$venv/bin/python" -c "import learn2learn" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import learn2learn" >/dev/null 2>&1; then
   # learn2learn 0.2.0 ships only an sdist whose generated C files predate Python 3.11:
   # regenerate them with Cython 0.29.37, then build without build isolation.
   build="$(mktemp -d)"
@@ -38,5 +38,7 @@ if ! "$venv/bin/python" -c "import learn2learn" 2>/dev/null; then
 fi
 
 "${pip[@]}" --no-deps --no-build-isolation -e "$root"
-"$venv/bin/python" -c "import torch, torchvision, learn2learn, tensorboard; print('[setup] torch', torch.__version__, '| torchvision', torchvision.__version__, '| learn2learn', learn2learn.__version__)"
+"$venv/bin/python" -c "import torch, torchvision, tensorboard; from tasks.episodes import import_learn2learn; \
+print('[setup] torch', torch.__version__, '| torchvision', torchvision.__version__, '| learn2learn', \
+import_learn2learn().__version__)"
 echo "$want" > "$stamp"
