@@ -91,6 +91,7 @@ class TrainConfig:
     eval_every: int = 2_000  # validation and test metrics
     eval_batch_size: int = 1_000
     checkpoint_every: int = 1_000
+    sync_batchnorm: bool = False  # under torchrun on CUDA: batch norm over the global batch (nn.SyncBatchNorm)
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "eval_every", "eval_batch_size", "checkpoint_every"):

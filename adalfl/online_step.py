@@ -21,6 +21,10 @@ one-step meta-gradient of the bounded step.
 
 The step never waits for the device: its scalars come back as tensors, and `StepStats.finite` flags a
 non-finite loss or meta-gradient for the caller to check when it reads them (NonFiniteGuard).
+
+Under torchrun each rank holds an equal share of the batch: the model's gradient, the meta loss's gradient v and
+the loss network's meta-gradient are averaged over the ranks, and the bound's norms are summed over them
+(differentiably), so the step and its meta-gradient are those of the whole batch in one process.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from torch.autograd import forward_ad
 from torch.func import functional_call
 
 from adalfl.update_jacobian import check_supported, update_jacobian_diagonal
+from engine.distributed import all_reduce_mean_, differentiable_sum
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -136,12 +141,14 @@ def online_step(
     else:
         batch_task_loss = task_loss(outputs_leaf, targets)
         (dtask_doutputs,) = torch.autograd.grad(batch_task_loss, outputs_leaf)
-        bound = max_grad_ratio * dtask_doutputs.norm() / dloss_doutputs.norm().clamp_min(1e-30)
+        squares = differentiable_sum(torch.stack([dtask_doutputs.pow(2).sum(), dloss_doutputs.pow(2).sum()]))
+        bound = max_grad_ratio * squares[0].sqrt() / squares[1].sqrt().clamp_min(1e-30)
         dloss_doutputs = dloss_doutputs * bound.clamp(max=1.0)
         batch_task_loss = batch_task_loss.detach()
 
     optimizer.zero_grad(set_to_none=True)
     outputs.backward(dloss_doutputs.detach())
+    all_reduce_mean_([p.grad for p in params.values() if p.grad is not None])
     grads = {}
     if meta is not None and not isinstance(optimizer, torch.optim.SGD):
         grads = {p: p.grad.detach().clone() for p in params.values() if p.grad is not None}
@@ -157,6 +164,7 @@ def online_step(
     with batch_statistics_only(model):
         meta_loss = task_loss(model(meta_inputs), meta_targets)
         direction = torch.autograd.grad(meta_loss, list(params.values()), allow_unused=True, materialize_grads=True)
+        all_reduce_mean_(direction)
         tangents = {name: diagonal[p] * v if p in diagonal else torch.zeros_like(v)
                     for (name, p), v in zip(params.items(), direction, strict=True)}
         output_tangent = model_jvp(model, old_params, tangents, inputs, rng_before)
@@ -165,6 +173,7 @@ def online_step(
     meta_optimizer.zero_grad(set_to_none=True)
     meta_objective.backward()
     meta_params = [p for p in loss_net.parameters() if p.grad is not None]
+    all_reduce_mean_([p.grad for p in meta_params])
     grad_norm = torch.nn.utils.clip_grad_norm_(meta_params, meta_clip if meta_clip is not None else math.inf)
     meta_optimizer.step()
     stats.meta_loss, stats.meta_grad_norm = meta_loss.detach(), grad_norm.detach()

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from adalfl.adaptive_loss import AdaptiveLoss, regression_loss
@@ -39,6 +38,17 @@ from adalfl.sparse_lsr import sparse_label_smoothing
 from adalfl.taylorglo import TaylorGLOLoss, TaylorGLOSearch
 from engine.checkpoint import load_checkpoint, restoring, save_checkpoint
 from engine.device import resolve_device
+from engine.distributed import (
+    EventWriter,
+    all_reduce_mean_,
+    all_reduce_sum_,
+    any_rank,
+    check_divisible,
+    device_for,
+    gather_objects,
+    shard,
+    world,
+)
 from engine.errors import ConfigError, NonFiniteError
 from engine.hparams import log_hparams
 from engine.interrupt import StopRequest
@@ -58,8 +68,8 @@ class SingleTaskTrainer:
     """Holds every piece of state of a single-task run, so that it can be checkpointed and resumed."""
 
     def __init__(self, config: SingleTaskConfig, run: RunDir, data_root: Path) -> None:
-        self.config, self.run = config, run
-        self.device = resolve_device(config.device)
+        self.config, self.run, self.world = config, run, world()
+        self.device = resolve_device(device_for(config.device))
         seed_everything(config.seed)
         self.task: SupervisedTask = load_task(
             config.data.dataset, data_root, config.data.val_fraction, seed=config.seed, augment=config.data.augment
@@ -73,6 +83,7 @@ class SingleTaskTrainer:
             self.handcrafted_loss = functools.partial(sparse_label_smoothing, smoothing=config.label_smoothing)
         self.learns_loss = config.method in ("ml3", "adalfl")
         self.prediction = "softmax" if self.task.kind == "classification" else "identity"
+        self._check_fits_world()
 
         self.model, self.optimizer, self.scheduler = self._fresh_base(stream=0)
         self.adaptive: AdaptiveLoss | None = None
@@ -99,6 +110,8 @@ class SingleTaskTrainer:
         self.wall_time = 0.0
         self.metric = "error" if self.task.kind == "classification" else "mse"
         self.guard = NonFiniteGuard()
+        if self.world.rank:  # every rank built the same models; from here on each draws its own dropout masks
+            seed_everything(config.seed + self.world.rank)
 
     def _check_method_fits_task(self) -> None:
         method, kind = self.config.method, self.task.kind
@@ -109,6 +122,21 @@ class SingleTaskTrainer:
         if method in ("label_smoothing", "sparse_lsr") and kind == "regression":
             raise ConfigError(f"method {method} needs a classification data set; {self.task.name} is "
                               "regression: use mse")
+
+    def _check_fits_world(self) -> None:
+        """Under torchrun: every batch splits evenly over the ranks; SyncBatchNorm only where it can run."""
+        cfg = self.config
+        for split in ("train", "val") if cfg.meta.batch_source == "validation" else ("train",):
+            check_divisible(min(cfg.train.batch_size, self.task.size(split)), f"examples per {split} batch",
+                            "train.batch_size")
+        if cfg.train.sync_batchnorm and self.world.distributed:
+            if self.device.type != "cuda":
+                raise ConfigError("train.sync_batchnorm needs CUDA (torch's SyncBatchNorm runs on GPUs only); set it "
+                                  "to false: on the CPU each rank normalises over its own share of the batch")
+            if self.learns_loss:
+                raise ConfigError(f"train.sync_batchnorm does not fit method {cfg.method}: its forward-mode product "
+                                  "does not pass through SyncBatchNorm; set it to false (each rank then normalises "
+                                  "over its own share of the batch)")
 
     def advice(self) -> str:
         """What to lower (only settings this method has) and, truthfully, what checkpoint is kept."""
@@ -130,6 +158,8 @@ class SingleTaskTrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed * 1_000_003 + stream)
             model = build_model(self.config.model.name, self.task.input_shape, self.task.num_outputs)
+        if self.config.train.sync_batchnorm and self.world.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
         opt = self.config.optimizer
         optimizer = opt.build(model.parameters())
@@ -139,13 +169,15 @@ class SingleTaskTrainer:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, opt.milestones, gamma=opt.lr_decay)
         return model, optimizer, scheduler
 
-    def _batch(self, split: str, step: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch number `step` of `split` in random stream `stream`, augmented when from train."""
+    def _batch(self, split: str, step: int, stream: int, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number `step` of `split` in random stream `stream`, augmented when from train: under torchrun
+        this rank's share of it, unless `whole`."""
         size = self.task.size(split)
         batch_size = min(self.config.train.batch_size, size)
         indices = batch_indices(size, batch_size, self.config.seed * 7919 + stream, step)
-        generator = step_generator(self.config.seed, step, stream) if split == "train" else None
-        return self.task.batch(split, indices, generator, device=self.device)
+        rank = 0 if whole else self.world.rank
+        generator = step_generator(self.config.seed, step, stream, rank) if split == "train" else None
+        return self.task.batch(split, indices if whole else shard(indices), generator, device=self.device)
 
     def _meta_batch(self, batch: tuple[torch.Tensor, torch.Tensor], step: int, stream: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,28 +190,29 @@ class SingleTaskTrainer:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
-        """Error rate (classification) or MSE (regression) and the task loss over a whole split."""
+        """Error rate (classification) or MSE (regression) and the task loss over a whole split (under torchrun
+        each rank scores every world-size-th chunk and the sums are all-reduced)."""
         model.eval()
         size, chunk = self.task.size(split), self.config.train.eval_batch_size
-        total_loss, total_metric = 0.0, 0.0
-        for start in range(0, size, chunk):
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, errors
+        for start in range(chunk * self.world.rank, size, chunk * self.world.size):
             inputs, targets = self.task.batch(split, torch.arange(start, min(start + chunk, size)), device=self.device)
             outputs = model(inputs)
-            n = targets.shape[0]
-            total_loss += self.task_loss(outputs, targets).item() * n
+            totals[0] += self.task_loss(outputs, targets).double() * targets.shape[0]
             if self.metric == "error":
-                total_metric += (outputs.argmax(dim=1) != targets).sum().item()
+                totals[1] += (outputs.argmax(dim=1) != targets).sum()
         model.train()
-        loss = total_loss / size
-        return {"loss": loss, self.metric: total_metric / size if self.metric == "error" else loss}
+        all_reduce_sum_([totals])
+        loss, errors = (totals / size).tolist()
+        return {"loss": loss, self.metric: errors if self.metric == "error" else loss}
 
     # ----- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = {
             "step": self.step, "init_step": self.init_step, "history": self.history,
             "loss_shapes": self.loss_shapes, "readouts": self.readouts, "init_readouts": self.init_readouts,
-            "wall_time": self.wall_time,
-            "rng": rng_state(), "search": self.search,
+            "wall_time": self.wall_time, "world_size": self.world.size,
+            "rng": gather_objects(rng_state()), "search": self.search,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
         }
@@ -205,7 +238,7 @@ class SingleTaskTrainer:
             self.init_model = self._fresh_base(stream=0)
             for part, saved in zip(self.init_model, state["init_model"], strict=True):
                 part.load_state_dict(saved)
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"][self.world.rank])
 
     def save(self) -> None:
         """Checkpoint the run, unless a step was not finite or a parameter is no longer finite (then the last
@@ -215,31 +248,36 @@ class SingleTaskTrainer:
         for model in filter(None, models):
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise NonFiniteError(f"parameters became non-finite by step {self.step}; {self.advice()}")
-        save_checkpoint(self.run.checkpoint, self.state_dict())
+        state = self.state_dict()  # on every rank: it gathers the ranks' random states
+        if self.world.is_main:
+            save_checkpoint(self.run.checkpoint, state)
 
     def _checkpoint_boundary(self, step: int, total: int, stop: StopRequest) -> None:
         """End of a step: checkpoint when due, at the end, or when a stop was asked for (then stop)."""
-        stopping = stop.requested
+        stopping = any_rank(stop.requested)
         if stopping or step % self.config.train.checkpoint_every == 0 or step == total:
             self.save()
         if stopping:
             raise KeyboardInterrupt
 
     # ----- logging ---------------------------------------------------------------------------
-    def _log_step(self, writer: SummaryWriter, prefix: str, step: int, stats: StepStats) -> dict[str, float]:
-        """Write the step's scalars (the one host sync of a logging interval, after the finite check); returns
-        them for the progress bar."""
+    def _log_step(self, writer: EventWriter, prefix: str, step: int, stats: StepStats) -> dict[str, float]:
+        """Write the step's scalars, averaged over the ranks (the one host sync of a logging interval, after the
+        finite check); returns them for the progress bar."""
         self.check_finite()
-        values = {"task_loss": float(stats.task_loss)}
+        scalars = {"task_loss": stats.task_loss}
         if self.loss_net is not None:
-            values["learned_loss"] = float(stats.train_loss)
+            scalars["learned_loss"] = stats.train_loss
         if stats.meta_loss is not None:
-            values["meta_loss"], values["meta_grad_norm"] = float(stats.meta_loss), float(stats.meta_grad_norm)
+            scalars["meta_loss"], scalars["meta_grad_norm"] = stats.meta_loss, stats.meta_grad_norm
+        stacked = torch.stack([value.detach().float() for value in scalars.values()])
+        all_reduce_mean_([stacked])
+        values = dict(zip(scalars, stacked.tolist(), strict=True))
         for key, value in values.items():
             writer.add_scalar(f"{prefix}/{key}", value, step)
         return values
 
-    def _log_loss_shape(self, writer: SummaryWriter, phase: str, step: int) -> None:
+    def _log_loss_shape(self, writer: EventWriter, phase: str, step: int) -> None:
         shape = loss_shape(self.loss_net)
         self.loss_shapes.append({"phase": phase, "step": step, **shape})
         writer.add_figure("learned_loss/shape", loss_shape_figure(shape, f"{phase} step {step}"), step)
@@ -257,14 +295,14 @@ class SingleTaskTrainer:
             record["confidence"] = mean_confidence(model, batch[0])
         return record
 
-    def _log_readouts(self, writer: SummaryWriter) -> None:
-        record = self._readout(self.model, self._batch("train", self.step - 1, TRAIN_STREAM), self.step)
+    def _log_readouts(self, writer: EventWriter) -> None:
+        record = self._readout(self.model, self._batch("train", self.step - 1, TRAIN_STREAM, whole=True), self.step)
         self.readouts.append(record)
         for key, value in record.items():
             if key != "step":
                 writer.add_scalar(f"analysis/{key}", value, self.step)
 
-    def _log_init_readouts(self, writer: SummaryWriter, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def _log_init_readouts(self, writer: EventWriter, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Phase 1: the gradient-norm ratio the first online step would see (at the phase-2 initialisation)
         and the confidence of the probe model after its step with the learned loss."""
         record = self._readout(self._fresh_base(stream=0)[0], batch, self.init_step)
@@ -275,7 +313,7 @@ class SingleTaskTrainer:
             if key != "step":
                 writer.add_scalar(f"analysis/{key}", value, self.init_step)
 
-    def _log_evaluation(self, writer: SummaryWriter) -> dict[str, float]:
+    def _log_evaluation(self, writer: EventWriter) -> dict[str, float]:
         record: dict[str, float] = {"step": self.step}
         for split in ("val", "test"):
             for key, value in self.evaluate(self.model, split).items():
@@ -288,9 +326,9 @@ class SingleTaskTrainer:
     def offline_initialisation(self, stop: StopRequest) -> None:
         """Phase 1: learn the loss's initial shape over short horizons of freshly initialised models."""
         meta = self.config.meta
-        writer = SummaryWriter(self.run.events / "init", purge_step=self.init_step)
+        writer = EventWriter(self.run.events / "init", purge_step=self.init_step)
         bar = tqdm(total=meta.init_steps, initial=self.init_step, desc="phase 1: loss init", unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not self.world.is_main)
         try:
             while self.init_step < meta.init_steps:
                 started = time.perf_counter()
@@ -305,7 +343,8 @@ class SingleTaskTrainer:
                 self.wall_time += time.perf_counter() - started
                 if self.init_step % self.config.log.scalars_every == 0:
                     values = self._log_step(writer, "init", self.init_step, stats)
-                    self._log_init_readouts(writer, batch)
+                    self._log_init_readouts(writer, self._batch("train", self.init_step - 1, INIT_TRAIN_STREAM,
+                                                                whole=True))
                     bar.set_postfix(learned=f"{values['learned_loss']:.4f}", meta=f"{values['meta_loss']:.4f}",
                                     refresh=False)
                 bar.update()
@@ -383,9 +422,9 @@ class SingleTaskTrainer:
         then the best loss."""
         method, generations = self.config.method, self.search_generations
         fitness = self._evomal_fitness if method == "evomal" else self._candidate_fitness
-        writer = SummaryWriter(self.run.events / "search", purge_step=self.search.generation)
+        writer = EventWriter(self.run.events / "search", purge_step=self.search.generation)
         bar = tqdm(total=generations, initial=self.search.generation, desc=f"{method} search",
-                   unit="generation", dynamic_ncols=True)
+                   unit="generation", dynamic_ncols=True, disable=not self.world.is_main)
         try:
             while self.search.generation < generations:
                 started = time.perf_counter()
@@ -393,11 +432,12 @@ class SingleTaskTrainer:
                 self.wall_time += time.perf_counter() - started
                 for key in ("best", "median", "best_so_far"):
                     writer.add_scalar(f"{method}/{key}_val_{self.metric}", record[key], record["generation"])
-                write_text_atomic(self.run.path / f"{method}_search.json", json.dumps(self.search.log, indent=1))
+                if self.world.is_main:
+                    write_text_atomic(self.run.path / f"{method}_search.json", json.dumps(self.search.log, indent=1))
                 bar.update()
                 bar.set_postfix(best=f"{self.search.best_fitness:.4f}")
                 self.save()
-                if stop.requested:
+                if any_rank(stop.requested):
                     raise KeyboardInterrupt
         finally:
             bar.close()
@@ -405,18 +445,19 @@ class SingleTaskTrainer:
         self._use_searched_loss()
         if isinstance(self.loss_net, EvoMALLoss):
             formula = self.loss_net.formula()
-            with SummaryWriter(self.run.events / "search") as text_writer:
+            with EventWriter(self.run.events / "search") as text_writer:
                 text_writer.add_text("evomal/best_loss", formula, self.search.generation)
-            print(f"evomal: best loss {formula} (val {self.metric} {self.search.best_fitness:.4f})")
+            if self.world.is_main:
+                print(f"evomal: best loss {formula} (val {self.metric} {self.search.best_fitness:.4f})")
 
     def online_training(self, stop: StopRequest) -> None:
         """Phase 2: train the model for `train.steps` steps; adalfl adapts the loss at every step."""
         cfg = self.config
-        writer = SummaryWriter(self.run.events, purge_step=self.step)
+        writer = EventWriter(self.run.events, purge_step=self.step)
         adapt = cfg.method == "adalfl"
         loss_fn = self.loss_net if self.loss_net is not None else self.handcrafted_loss
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc=f"phase 2: {cfg.method}", unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not self.world.is_main)
         postfix: dict[str, str] = {}
         try:
             if self.step == 0 and self.loss_net is not None:
@@ -459,7 +500,7 @@ class SingleTaskTrainer:
         cfg = self.config
         values = {"method": cfg.method, "model": cfg.model.name, "dataset": cfg.data.dataset, "seed": cfg.seed,
                   "steps": cfg.train.steps, "optimizer": cfg.optimizer.name, "lr": cfg.optimizer.lr,
-                  "batch_size": cfg.train.batch_size}
+                  "batch_size": cfg.train.batch_size, "world_size": self.world.size}
         if self.learns_loss:
             meta = cfg.meta
             values |= {"meta_lr": meta.lr, "init_steps": meta.init_steps, "loss_form": meta.loss_form,
@@ -472,6 +513,7 @@ class SingleTaskTrainer:
         return {
             "method": cfg.method, "dataset": cfg.data.dataset, "model": cfg.model.name, "seed": cfg.seed,
             "steps": self.step, "init_steps": self.init_step if self.learns_loss else 0,
+            "world_size": self.world.size, "per_rank_batch_size": cfg.train.batch_size // self.world.size,
             f"test_{self.metric}": final[f"test_{self.metric}"], f"val_{self.metric}": final[f"val_{self.metric}"],
             "test_loss": final["test_loss"], "wall_time_s": round(self.wall_time, 3), "history": self.history,
             "readouts": self.readouts, "init_readouts": self.init_readouts,
@@ -496,6 +538,8 @@ def train(config: SingleTaskConfig, run: RunDir, data_root: Path, resume: bool) 
         if trainer.step < config.train.steps:
             trainer.online_training(stop)
     results = trainer.results()
+    if not trainer.world.is_main:
+        return results
     metric = trainer.metric
     log_hparams(run.events, trainer.hparams(), {f"hparams/test_{metric}": results[f"test_{metric}"],
                                                 f"hparams/val_{metric}": results[f"val_{metric}"]})

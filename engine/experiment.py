@@ -1,5 +1,5 @@
-"""From a config file (or a run folder) to a finished run: validate, set the CPU threads, create the folder,
-dispatch."""
+"""From a config file (or a run folder) to a finished run: validate, join torchrun's process group (when
+started by torchrun), set the CPU threads, create the folder (rank 0), dispatch."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from engine.config import apply_override, build_config, load_yaml, to_dict
 from engine.device import set_threads
+from engine.distributed import barrier, broadcast_object, join, leave, world
 from engine.errors import ConfigError, UserError
 from engine.run_dir import default_run_name, discard_unstarted, existing_run_dir, new_run_dir
 
@@ -63,19 +64,34 @@ def run_experiment(
         if overrides:
             raise UserError("--set cannot change a run that is being resumed; start a new run instead")
         run = existing_run_dir(resume)
-        config, train = resolve_config(load_yaml(run.config))
+        data = load_yaml(run.config)
+        started_with = data.pop("world_size", 1)
+        config, train = resolve_config(data)
     else:
         data = load_yaml(config_path)
         for assignment in overrides:
             apply_override(data, assignment)
         config, train = resolve_config(data)
-        name = config.name or default_run_name(config_path)
-        run = new_run_dir(runs_root, name, to_dict(config))
-    root = resolve_data_root(data_root, config.data.root)
+    try:
+        size = join(config.device).size
+        if resume is not None and started_with != size:
+            launch = f"torchrun --nproc_per_node {started_with} train.py" if started_with > 1 else "python train.py"
+            raise UserError(f"{run.path} was run by {started_with} process(es) and this is {size}; resume it with "
+                            f"the same number: {launch} --resume {run.path}")
+        if resume is None:
+            name = broadcast_object(config.name or default_run_name(config_path))
+            run = new_run_dir(runs_root, name, {**to_dict(config), "world_size": size}, create=world().is_main)
+            barrier()
+        return _train(config, train, run, resolve_data_root(data_root, config.data.root), resume is not None)
+    finally:
+        leave()
+
+
+def _train(config: Any, train: Callable[..., dict[str, Any]], run: Any, root: Path, resume: bool) -> dict[str, Any]:
     try:
         set_threads(config.threads)
-        return train(config, run=run, data_root=root, resume=resume is not None)
+        return train(config, run=run, data_root=root, resume=resume)
     except UserError:
-        if resume is None:
+        if not resume and world().is_main:
             discard_unstarted(run)
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.distributed import first_over_ranks
 from engine.errors import NonFiniteError
 
 
@@ -20,5 +21,7 @@ class NonFiniteGuard:
         self.first_bad = torch.where((self.first_bad < 0) & ~finite, step, self.first_bad)
 
     def check(self, what: str, advice: str) -> None:
-        if self.first_bad is not None and (step := int(self.first_bad)) >= 0:
+        """Under torchrun every rank checks at the same step and raises together (the first bad step of any)."""
+        step = first_over_ranks(int(self.first_bad) if self.first_bad is not None else -1)
+        if step >= 0:
             raise NonFiniteError(f"{what} became non-finite at step {step}; {advice}")

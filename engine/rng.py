@@ -33,8 +33,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def step_generator(seed: int, step: int, stream: int = 0, device: str | torch.device = "cpu") -> torch.Generator:
-    """A generator determined by (seed, step, stream): batches and augmentations replay exactly on resume."""
+def step_generator(seed: int, step: int, stream: int = 0, rank: int = 0, device: str | torch.device = "cpu"
+                   ) -> torch.Generator:
+    """A generator determined by (seed, step, stream, rank): batches and augmentations replay exactly on resume,
+    and each process of a torchrun world draws its own (rank 0's stream is a single process's)."""
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step) * 31 + stream)
+    g.manual_seed((seed * 1_000_003 + step) * 31 + stream + (rank << 48))
     return g

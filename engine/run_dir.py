@@ -41,16 +41,18 @@ class RunDir:
         return self.path / "tensorboard"
 
 
-def new_run_dir(runs_root: Path, name: str, config: dict[str, Any]) -> RunDir:
-    """Create `runs_root/name` (a fresh folder) and write the resolved config into it."""
+def new_run_dir(runs_root: Path, name: str, config: dict[str, Any], create: bool = True) -> RunDir:
+    """`runs_root/name`, which must not hold a run; with `create` (rank 0 of a torchrun world, or a single
+    process), make it and write the resolved config into it."""
     run = RunDir(runs_root / name)
     if run.checkpoint.exists() or run.results.exists():
         raise UserError(
             f"run folder {run.path} already holds a run; continue it with --resume {run.path} "
             "or choose another name with --set name=..."
         )
-    run.path.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run.config, yaml.safe_dump(config, sort_keys=False))
+    if create:
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run.config, yaml.safe_dump(config, sort_keys=False))
     return run
 
 

@@ -5,6 +5,10 @@ sample `meta_batch` episodes, adapt on each support set, average the query losse
 meta-gradient and take an Adam step (cosine-annealed learning rate). Every `eval.every`
 iterations the model is scored on fixed meta-validation tasks and the best one kept; at the end
 the best model is meta-tested on `eval.test_tasks` fixed tasks.
+
+Under torchrun the tasks of a meta-batch are split over the ranks and their meta-gradients summed (each task's
+loss is divided by the whole meta-batch), so the update is a single process's; meta-validation and meta-test
+tasks are split the same way and their accuracies gathered in task order, so the mean and CI are too.
 """
 
 from __future__ import annotations
@@ -17,11 +21,21 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from engine.checkpoint import load_checkpoint, restoring, save_checkpoint
 from engine.device import resolve_device
+from engine.distributed import (
+    EventWriter,
+    all_reduce_sum_,
+    any_rank,
+    barrier,
+    check_divisible,
+    device_for,
+    gather_objects,
+    shard,
+    world,
+)
 from engine.errors import NonFiniteError
 from engine.hparams import log_hparams
 from engine.interrupt import StopRequest
@@ -43,12 +57,29 @@ def mean_ci95(values: Iterable[float]) -> tuple[float, float]:
 def evaluate(learner: nn.Module, episodes: Iterable[Episode], steps: int, device: torch.device) -> list[float]:
     """Query accuracy after adaptation (no meta-gradient graph) on each episode."""
     learner.eval()
-    accuracies = []
-    for episode in episodes:
-        _, accuracy = learner(episode.to(device), steps, train=False)
-        accuracies.append(float(accuracy))
+    accuracies = [learner(episode.to(device), steps, train=False)[1] for episode in episodes]
     learner.train()
-    return accuracies
+    return torch.stack(accuracies).tolist() if accuracies else []
+
+
+def meta_gradient(learner: nn.Module, params: list[torch.Tensor], episodes: list[Episode], steps: int,
+                  device: torch.device) -> tuple[float, float]:
+    """Accumulate into `params`' .grad the meta-gradient of the mean query loss over `episodes` (the whole
+    meta-batch; under torchrun this rank adapts its share and the gradients are summed over the ranks); returns
+    the mean query loss and accuracy."""
+    sums = torch.zeros(2, device=device)
+    for episode in shard(episodes):
+        loss, accuracy = learner(episode.to(device), steps, train=True)
+        (loss / len(episodes)).backward()
+        sums += torch.stack([loss.detach(), accuracy.detach().float()])
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    all_reduce_sum_([*grads, sums])
+    loss_sum, acc_sum = sums.tolist()
+    return loss_sum / len(episodes), acc_sum / len(episodes)
 
 
 def _samplers(config: EpisodicConfig, data_root: Path) -> dict[str, EpisodeSampler]:
@@ -69,7 +100,8 @@ def _optimizer(config: EpisodicConfig, learner: nn.Module):
 
 def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = False) -> dict[str, Any]:
     """Meta-train, keep the best model on meta-validation, meta-test it; returns results.json's content."""
-    device = resolve_device(config.device)
+    device, ranks = resolve_device(device_for(config.device)), world()
+    check_divisible(config.outer.meta_batch, "tasks per meta-batch", "outer.meta_batch")
     samplers = _samplers(config, data_root)
     in_shape = tuple(samplers["train"].taskset.dataset[0][0].shape)
     seed_everything(config.seed)
@@ -83,23 +115,26 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
             state = checkpoint["state"]
-            set_rng_state(checkpoint["rng"])
+            set_rng_state(checkpoint["rng"][ranks.rank])
 
     def save() -> None:
-        save_checkpoint(run.checkpoint, {
-            "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "state": dict(state), "rng": rng_state(),
-        })
+        saved = {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "state": dict(state), "rng": gather_objects(rng_state())}
+        if ranks.is_main:
+            save_checkpoint(run.checkpoint, saved)
 
-    def fixed_episodes(split: str, count: int) -> Iterable[Episode]:
-        """The same `count` tasks of `split` at every call (meta-validation, meta-test)."""
+    def accuracies(split: str, count: int) -> list[float]:
+        """Query accuracies on the same `count` tasks of `split` at every call (meta-validation, meta-test), in
+        task order; under torchrun each rank adapts every world-size-th task."""
         stream = VALIDATION_STREAM if split == "validation" else TEST_STREAM
-        return samplers[split].fixed(count, seed=config.seed * 10 + stream)
+        episodes = samplers[split].fixed(count, seed=config.seed * 10 + stream, first=ranks.rank, stride=ranks.size)
+        shares = gather_objects(evaluate(learner, episodes, config.eval_steps, device))
+        return [shares[index % ranks.size][index // ranks.size] for index in range(count)]
 
-    writer = SummaryWriter(run.events, purge_step=state["iteration"] + 1)
+    writer = EventWriter(run.events, purge_step=state["iteration"] + 1)
     total = config.outer.iterations
-    bar = tqdm(total=total, initial=state["iteration"], disable=not config.log.progress, desc=config.method,
-               dynamic_ncols=True)
+    bar = tqdm(total=total, initial=state["iteration"], disable=not (config.log.progress and ranks.is_main),
+               desc=config.method, dynamic_ncols=True)
     started = time.time() - state["wall_time"]
     sample_time = step_time = 0.0
     postfix: dict[str, str] = {}
@@ -112,17 +147,12 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
                     episodes = [samplers["train"].sample() for _ in range(config.outer.meta_batch)]
                 sample_time += time.time() - tick
                 optimizer.zero_grad(set_to_none=True)
-                loss_sum = acc_sum = 0.0
-                for episode in episodes:
-                    loss, accuracy = learner(episode.to(device), config.inner.steps, train=True)
-                    (loss / config.outer.meta_batch).backward()
-                    loss_sum += loss.item()
-                    acc_sum += accuracy.item()
+                mean_loss, mean_acc = meta_gradient(learner, params, episodes, config.inner.steps, device)
                 norm = torch.nn.utils.clip_grad_norm_(params, config.outer.grad_clip or float("inf"))
-                if not (math.isfinite(loss_sum) and torch.isfinite(norm)):
+                if not (math.isfinite(mean_loss) and torch.isfinite(norm)):
                     raise NonFiniteError(
                         f"meta-iteration {iteration}: the meta-loss or its gradient is not finite "
-                        f"(loss {loss_sum / config.outer.meta_batch:.4g}, gradient norm {float(norm):.4g}); "
+                        f"(loss {mean_loss:.4g}, gradient norm {float(norm):.4g}); "
                         "lower outer.lr or inner.lr (or set outer.grad_clip). The last good checkpoint is kept in "
                         f"{run.path}"
                     )
@@ -130,21 +160,21 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
                 scheduler.step()
                 step_time += time.time() - tick
                 state["iteration"] = iteration
-                mean_loss, mean_acc = loss_sum / config.outer.meta_batch, acc_sum / config.outer.meta_batch
                 if iteration % config.log.every == 0 or iteration == total:
                     _log_train(writer, learner, iteration, mean_loss, mean_acc, float(norm),
                                scheduler.get_last_lr()[0], sample_time / max(step_time, 1e-9))
                 if iteration % config.eval.every == 0 or iteration == total:
-                    val_acc, _ = mean_ci95(evaluate(learner, fixed_episodes("validation", config.eval.val_tasks),
-                                                    config.eval_steps, device))
+                    val_acc, _ = mean_ci95(accuracies("validation", config.eval.val_tasks))
                     writer.add_scalar("meta_val/accuracy", val_acc, iteration)
                     _log_loss_shape(writer, learner, iteration)
                     if val_acc > state["best_val"]:
                         state.update(best_val=val_acc, best_iteration=iteration)
-                        save_checkpoint(run.best_checkpoint, {"learner": learner.state_dict(), "iteration": iteration})
+                        if ranks.is_main:
+                            save_checkpoint(run.best_checkpoint, {"learner": learner.state_dict(),
+                                                                  "iteration": iteration})
                     postfix["val"] = f"{val_acc:.3f}"
                 state["wall_time"] = time.time() - started
-                stopping = stop.requested
+                stopping = any_rank(stop.requested)
                 if stopping or iteration % config.log.checkpoint_every == 0 or iteration == total:
                     save()
                 if stopping:
@@ -155,9 +185,9 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
         finally:
             bar.close()
             writer.flush()
+    barrier()  # rank 0 has written best.pt
     learner.load_state_dict(load_checkpoint(run.best_checkpoint)["learner"])
-    test_acc, test_ci = mean_ci95(evaluate(learner, fixed_episodes("test", config.eval.test_tasks),
-                                           config.eval_steps, device))
+    test_acc, test_ci = mean_ci95(accuracies("test", config.eval.test_tasks))
     writer.add_scalar("meta_test/accuracy", test_acc, state["iteration"])
     writer.close()
     results = {
@@ -165,7 +195,10 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
         "test_tasks": config.eval.test_tasks, "iterations": state["iteration"],
         "best_val_accuracy": state["best_val"], "best_iteration": state["best_iteration"],
         "wall_time_s": state["wall_time"], "seed": config.seed,
+        "world_size": ranks.size, "per_rank_meta_batch": config.outer.meta_batch // ranks.size,
     }
+    if not ranks.is_main:
+        return results
     write_results(run, results)
     log_hparams(run.events, {
         "method": config.method, "model.backbone": config.model.backbone, "data.dataset": config.data.dataset,
@@ -178,7 +211,7 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
     return results
 
 
-def _log_train(writer: SummaryWriter, learner: nn.Module, iteration: int, loss: float, accuracy: float,
+def _log_train(writer: EventWriter, learner: nn.Module, iteration: int, loss: float, accuracy: float,
                grad_norm: float, lr: float, sampling_share: float) -> None:
     writer.add_scalar("meta_train/loss", loss, iteration)
     writer.add_scalar("meta_train/accuracy", accuracy, iteration)
@@ -191,7 +224,7 @@ def _log_train(writer: SummaryWriter, learner: nn.Module, iteration: int, loss: 
         writer.add_histogram("inner_lr/values", inner_lrs, iteration)
 
 
-def _log_loss_shape(writer: SummaryWriter, learner: nn.Module, iteration: int) -> None:
+def _log_loss_shape(writer: EventWriter, learner: nn.Module, iteration: int) -> None:
     """CE + L_S against the true-class logit margin, as a figure, when the loss is learned."""
     loss = getattr(learner, "loss", None)
     if loss is None:

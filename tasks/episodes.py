@@ -105,9 +105,10 @@ class EpisodeSampler:
         x, y = self.taskset.sample()
         return split_episode(x, y, self.ways, self.shots)
 
-    def fixed(self, count: int, seed: int) -> Iterator[Episode]:
-        """`count` episodes that are the same on every call with the same seed."""
-        for index in range(count):
+    def fixed(self, count: int, seed: int, first: int = 0, stride: int = 1) -> Iterator[Episode]:
+        """Episodes first, first + stride, ... of `count` that are the same on every call with the same seed
+        (each is seeded by its index: a torchrun rank draws its share alone)."""
+        for index in range(first, count, stride):
             with python_random(seed * 1_000_003 + index):
                 episode = self.sample()
             yield episode
