@@ -55,6 +55,7 @@ from engine.interrupt import StopRequest
 from engine.nonfinite_guard import NonFiniteGuard
 from engine.rng import rng_state, seed_everything, set_rng_state, step_generator
 from engine.run_dir import RunDir, write_results, write_text_atomic
+from engine.run_estimate import DAY_S, StepTimer, format_duration, timed
 from tasks.models import build_model
 from tasks.supervised import SupervisedTask, batch_indices, load_task
 
@@ -62,6 +63,8 @@ from tasks.supervised import SupervisedTask, batch_indices, load_task
 TRAIN_STREAM, META_STREAM, INIT_TRAIN_STREAM, INIT_META_STREAM = 0, 1, 2, 3
 SEARCH_INIT_STREAM = 10_000_000  # + generation: the base-model initialisation of TaylorGLO's candidates
 EVOMAL_STREAM = 20_000_000  # EvoMAL's fitness (and rejection-test) model; + 1 + k: its local search's step k
+# The config to name when a run's projected wall time on a CPU exceeds a day, by data set.
+CPU_SIZED_CONFIGS = {"cifar10": "configs/adalfl_cifar_small.yaml"}
 
 
 class SingleTaskTrainer:
@@ -110,6 +113,7 @@ class SingleTaskTrainer:
         self.wall_time = 0.0
         self.metric = "error" if self.task.kind == "classification" else "mse"
         self.guard = NonFiniteGuard()
+        self.bar: tqdm | None = None
         if self.world.rank:  # every rank built the same models; from here on each draws its own dropout masks
             seed_everything(config.seed + self.world.rank)
 
@@ -322,13 +326,68 @@ class SingleTaskTrainer:
         self.history.append(record)
         return record
 
+    # ----- progress and the projected wall time ---------------------------------------------
+    def progress_bar(self, description: str) -> tqdm:
+        """The run's one step bar, phase 1 and phase 2 together, so that its ETA is the whole run's."""
+        if self.bar is None:
+            phase_1 = self.config.meta.init_steps if self.learns_loss else 0
+            self.bar = tqdm(total=phase_1 + self.config.train.steps, unit="step", dynamic_ncols=True,
+                            initial=(self.init_step if self.learns_loss else 0) + self.step,
+                            disable=not self.world.is_main)
+        self.bar.set_description(description)
+        return self.bar
+
+    def close_progress_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def _evaluations_left(self) -> int:
+        steps, every = self.config.train.steps, self.config.train.eval_every
+        return steps // every - self.step // every + (1 if steps % every else 0)
+
+    def _evaluation_seconds(self) -> float:
+        """One evaluation (validation and test sets), timed on one chunk of this rank's share."""
+        chunk = self.config.train.eval_batch_size
+        inputs, _ = self.task.batch("val", torch.arange(min(chunk, self.task.size("val"))), device=self.device)
+        self.model.eval()
+        with torch.no_grad():
+            seconds = timed(self.device, lambda: self.model(inputs))
+        self.model.train()
+        chunks = sum(math.ceil(self.task.size(split) / chunk) for split in ("val", "test"))
+        return seconds * math.ceil(chunks / self.world.size)
+
+    def _report_estimate(self, phase: str):
+        """Print, once per phase, the projected wall time of the rest of the run from its measured steps, and on a
+        CPU where that exceeds a day, a config sized for it."""
+        def report(seconds_per_step: float) -> None:
+            cfg = self.config
+            if phase == "phase 1":
+                parts = [("phase 1", seconds_per_step * (cfg.meta.init_steps - self.init_step)),
+                         ("phase 2 (at phase 1's step cost)", seconds_per_step * cfg.train.steps)]
+            else:
+                parts = [("phase 2", seconds_per_step * (cfg.train.steps - self.step))]
+            parts.append((f"{self._evaluations_left()} evaluations",
+                          self._evaluation_seconds() * self._evaluations_left()))
+            total = sum(seconds for _, seconds in parts)
+            message = (f"estimate on {self.device}: " + " + ".join(f"{name} ~{format_duration(seconds)}"
+                                                                   for name, seconds in parts)
+                       + f" = ~{format_duration(total)} for the rest of the run")
+            if self.device.type == "cpu" and total > DAY_S:
+                small = CPU_SIZED_CONFIGS.get(cfg.data.dataset)
+                advice = (f"{small} is sized for a CPU" if small
+                          else "lower train.steps or choose a smaller model.name")
+                message += f". That is more than a day on the CPU: {advice}; this run continues"
+            if self.world.is_main:
+                tqdm.write(message)
+        return report
+
     # ----- the two phases --------------------------------------------------------------------
     def offline_initialisation(self, stop: StopRequest) -> None:
         """Phase 1: learn the loss's initial shape over short horizons of freshly initialised models."""
         meta = self.config.meta
         writer = EventWriter(self.run.events / "init", purge_step=self.init_step)
-        bar = tqdm(total=meta.init_steps, initial=self.init_step, desc="phase 1: loss init", unit="step",
-                   dynamic_ncols=True, disable=not self.world.is_main)
+        bar = self.progress_bar("phase 1: loss init")
+        timer = StepTimer(self.device, self._report_estimate("phase 1"))
         try:
             while self.init_step < meta.init_steps:
                 started = time.perf_counter()
@@ -348,12 +407,12 @@ class SingleTaskTrainer:
                     bar.set_postfix(learned=f"{values['learned_loss']:.4f}", meta=f"{values['meta_loss']:.4f}",
                                     refresh=False)
                 bar.update()
+                timer.step_done()
                 if self.init_step == meta.init_steps:
                     self.init_model = None
                     self._log_loss_shape(writer, "init", self.init_step)
                 self._checkpoint_boundary(self.init_step, meta.init_steps, stop)
         finally:
-            bar.close()
             writer.close()
 
     @property
@@ -456,8 +515,8 @@ class SingleTaskTrainer:
         writer = EventWriter(self.run.events, purge_step=self.step)
         adapt = cfg.method == "adalfl"
         loss_fn = self.loss_net if self.loss_net is not None else self.handcrafted_loss
-        bar = tqdm(total=cfg.train.steps, initial=self.step, desc=f"phase 2: {cfg.method}", unit="step",
-                   dynamic_ncols=True, disable=not self.world.is_main)
+        bar = self.progress_bar(f"phase 2: {cfg.method}")
+        timer = StepTimer(self.device, self._report_estimate("phase 2"))
         postfix: dict[str, str] = {}
         try:
             if self.step == 0 and self.loss_net is not None:
@@ -490,9 +549,9 @@ class SingleTaskTrainer:
                     postfix[f"val_{self.metric}"] = f"{record[f'val_{self.metric}']:.4f}"
                 bar.update()
                 bar.set_postfix(postfix, refresh=False)
+                timer.step_done()
                 self._checkpoint_boundary(self.step, cfg.train.steps, stop)
         finally:
-            bar.close()
             writer.close()
 
     def hparams(self) -> dict[str, Any]:
@@ -530,13 +589,19 @@ def train(config: SingleTaskConfig, run: RunDir, data_root: Path, resume: bool) 
         checkpoint = load_checkpoint(run.checkpoint)
         with restoring(run.checkpoint):
             trainer.load_state_dict(checkpoint)
+    if trainer.world.is_main:
+        print(f"{config.method} on {trainer.device}" + (f" x {trainer.world.size} processes"
+                                                        if trainer.world.distributed else ""))
     with StopRequest() as stop:
-        if trainer.learns_loss and trainer.init_step < config.meta.init_steps:
-            trainer.offline_initialisation(stop)
-        if trainer.search is not None and trainer.search.generation < trainer.search_generations:
-            trainer.loss_search(stop)
-        if trainer.step < config.train.steps:
-            trainer.online_training(stop)
+        try:
+            if trainer.learns_loss and trainer.init_step < config.meta.init_steps:
+                trainer.offline_initialisation(stop)
+            if trainer.search is not None and trainer.search.generation < trainer.search_generations:
+                trainer.loss_search(stop)
+            if trainer.step < config.train.steps:
+                trainer.online_training(stop)
+        finally:
+            trainer.close_progress_bar()
     results = trainer.results()
     if not trainer.world.is_main:
         return results

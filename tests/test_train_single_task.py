@@ -215,3 +215,26 @@ def test_threads_sets_torch_threads_for_a_single_task_run(tmp_path, shared_data,
     finally:
         torch.set_num_threads(before)
     assert seen == [2] and "threads: 2" in (tmp_path / "threads" / "config.yaml").read_text()
+
+
+def test_the_start_names_the_device_and_a_cpu_sized_config_when_the_run_would_take_days(
+        tmp_path, shared_data, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopAfter)
+    StopAfter.reads_before_stop = 14  # past the 12 timed steps
+    code = run_train(tmp_path, shared_data, "ce_cifar", "days", "--set", "device=cpu", "--set", "model.name=lenet5",
+                     "--set", "train.steps=100000000", "--set", "train.eval_every=50000000",
+                     "--set", "train.checkpoint_every=100000000")
+    assert code == 130
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "ce on cpu" in text
+    assert "estimate on cpu: phase 2 ~" in text and "2 evaluations ~" in text
+    assert "more than a day on the CPU: configs/adalfl_cifar_small.yaml is sized for a CPU; this run continues" in text
+    assert Path("configs/adalfl_cifar_small.yaml").is_file()
+
+
+def test_a_short_run_projects_minutes_and_gives_no_advice(tmp_path, shared_data, capsys) -> None:
+    assert run_train(tmp_path, shared_data, "adalfl_mnist", "short", *MNIST_QUICK, "--set", "meta.init_steps=12") == 0
+    text = "".join(capsys.readouterr())
+    assert "estimate on cpu: phase 1 ~" in text and "phase 2 (at phase 1's step cost) ~" in text
+    assert "more than a day" not in text
