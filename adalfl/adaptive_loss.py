@@ -43,7 +43,8 @@ class AdaptiveLoss:
 
     `form="residual"` (default) is the task loss plus a network whose output layer starts at zero;
     `"network"` is the network alone. `max_grad_ratio` bounds the step's output-gradient norm at that many
-    times the task loss's (None: unbounded); `meta_clip` clips the meta-gradient's norm.
+    times the task loss's (None: unbounded); `meta_clip` clips the meta-gradient's norm; `amp` (e.g.
+    torch.bfloat16) autocasts the model's forward passes, the loss and its meta-gradient staying in float32.
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class AdaptiveLoss:
         meta_lr: float = 1e-3,
         max_grad_ratio: float | None = 2.0,
         meta_clip: float | None = None,
+        amp: torch.dtype | None = None,
     ) -> None:
         if task not in ("classification", "regression"):
             raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
@@ -66,7 +68,7 @@ class AdaptiveLoss:
         )
         self.task_loss = F.cross_entropy if task == "classification" else regression_loss
         self.meta_optimizer = torch.optim.Adam(self.loss.parameters(), lr=meta_lr)
-        self.max_grad_ratio, self.meta_clip = max_grad_ratio, meta_clip
+        self.max_grad_ratio, self.meta_clip, self.amp = max_grad_ratio, meta_clip, amp
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The learned loss's value (differentiable in the outputs)."""
@@ -84,7 +86,7 @@ class AdaptiveLoss:
         the loss from `meta_batch` (default: `batch`). Without `adapt` the loss stays frozen (ML3's phase 2)."""
         meta = (self.loss, self.meta_optimizer, meta_batch if meta_batch is not None else batch) if adapt else None
         return online_step(model, self.loss, optimizer, batch, self.task_loss, meta=meta,
-                           max_grad_ratio=self.max_grad_ratio, meta_clip=self.meta_clip)
+                           max_grad_ratio=self.max_grad_ratio, meta_clip=self.meta_clip, amp=self.amp)
 
     def state_dict(self) -> dict[str, Any]:
         return {"loss": self.loss.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict()}

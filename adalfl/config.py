@@ -92,6 +92,10 @@ class TrainConfig:
     eval_batch_size: int = 1_000
     checkpoint_every: int = 1_000
     sync_batchnorm: bool = False  # under torchrun on CUDA: batch norm over the global batch (nn.SyncBatchNorm)
+    # GPU fast path (README, "On a GPU"): auto is on for CUDA, off on the CPU.
+    amp: Literal["auto", "bf16", "off"] = "auto"  # bf16 autocast of the model's forward passes
+    channels_last: Literal["auto", "on", "off"] = "auto"  # NHWC memory format for image models and batches
+    compile: bool = False  # torch.compile of the model (methods without the unrolled step; others run eagerly)
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "eval_every", "eval_batch_size", "checkpoint_every"):

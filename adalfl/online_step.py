@@ -19,6 +19,9 @@ the learned loss may steepen the step at most r times beyond the task loss's whi
 freely. s depends on phi through |g|, and the meta-gradient differentiates through it: it is the exact
 one-step meta-gradient of the bounded step.
 
+With `amp` (e.g. torch.bfloat16) the model's two forward passes (the step's and the meta loss's) run under
+autocast; the loss network, the bound and the forward-mode product stay in float32.
+
 The step never waits for the device: its scalars come back as tensors, and `StepStats.finite` flags a
 non-finite loss or meta-gradient for the caller to check when it reads them (NonFiniteGuard).
 
@@ -30,6 +33,7 @@ the loss network's meta-gradient are averaged over the ranks, and the bound's no
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -116,12 +120,15 @@ def online_step(
     meta: tuple[nn.Module, torch.optim.Optimizer, Batch] | None = None,
     max_grad_ratio: float | None = None,
     meta_clip: float | None = None,
+    amp: torch.dtype | None = None,
 ) -> StepStats:
     """Step `model` with `loss_fn` on `batch`; with `meta = (loss_net, meta_optimizer, meta_batch)`
     also update the loss network by the one-step meta-gradient of `task_loss` on `meta_batch`, its norm
-    clipped to `meta_clip` when given. `max_grad_ratio` bounds the step's scale (module docstring)."""
+    clipped to `meta_clip` when given. `max_grad_ratio` bounds the step's scale, `amp` autocasts the model's
+    forward passes (module docstring)."""
     inputs, targets = batch
     device = inputs.device
+    autocast = functools.partial(torch.autocast, device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
     model.train()
     params = dict(model.named_parameters())
     old_params = {name: p.detach().clone() for name, p in params.items()} if meta else None
@@ -129,8 +136,9 @@ def online_step(
     if meta is not None:
         check_supported(optimizer)
 
-    outputs = model(inputs)
-    outputs_leaf = outputs.detach().requires_grad_()
+    with autocast():
+        outputs = model(inputs)
+    outputs_leaf = outputs.detach().float().requires_grad_()
     loss = loss_fn(outputs_leaf, targets)
     (dloss_doutputs,) = torch.autograd.grad(loss, outputs_leaf, create_graph=meta is not None)
     if task_loss is loss_fn:
@@ -147,7 +155,7 @@ def online_step(
         batch_task_loss = batch_task_loss.detach()
 
     optimizer.zero_grad(set_to_none=True)
-    outputs.backward(dloss_doutputs.detach())
+    outputs.backward(dloss_doutputs.detach().to(outputs.dtype))
     all_reduce_mean_([p.grad for p in params.values() if p.grad is not None])
     grads = {}
     if meta is not None and not isinstance(optimizer, torch.optim.SGD):
@@ -162,7 +170,9 @@ def online_step(
     diagonal = update_jacobian_diagonal(optimizer, grads, {p: old_params[n] for n, p in params.items()})
     loss_net, meta_optimizer, (meta_inputs, meta_targets) = meta
     with batch_statistics_only(model):
-        meta_loss = task_loss(model(meta_inputs), meta_targets)
+        with autocast():
+            meta_outputs = model(meta_inputs)
+        meta_loss = task_loss(meta_outputs.float(), meta_targets)
         direction = torch.autograd.grad(meta_loss, list(params.values()), allow_unused=True, materialize_grads=True)
         all_reduce_mean_(direction)
         tangents = {name: diagonal[p] * v if p in diagonal else torch.zeros_like(v)

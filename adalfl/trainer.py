@@ -87,6 +87,11 @@ class SingleTaskTrainer:
         self.learns_loss = config.method in ("ml3", "adalfl")
         self.prediction = "softmax" if self.task.kind == "classification" else "identity"
         self._check_fits_world()
+        cuda = self.device.type == "cuda"
+        train = config.train
+        self.amp = torch.bfloat16 if train.amp == "bf16" or (train.amp == "auto" and cuda) else None
+        self.channels_last = len(self.task.input_shape) == 3 and (
+            train.channels_last == "on" or (train.channels_last == "auto" and cuda))
 
         self.model, self.optimizer, self.scheduler = self._fresh_base(stream=0)
         self.adaptive: AdaptiveLoss | None = None
@@ -96,6 +101,7 @@ class SingleTaskTrainer:
                 self.task.num_outputs, self.task.kind, hidden=config.loss_network.hidden,
                 beta=config.loss_network.beta, gamma=config.loss_network.gamma, form=config.meta.loss_form,
                 meta_lr=config.meta.lr, max_grad_ratio=config.meta.max_grad_ratio, meta_clip=config.meta.clip_grad_norm,
+                amp=self.amp,
             ).to(self.device)
             self.loss_net = self.adaptive.loss
         self.search: TaylorGLOSearch | EvoMALSearch | None = None
@@ -142,6 +148,21 @@ class SingleTaskTrainer:
                                   "does not pass through SyncBatchNorm; set it to false (each rank then normalises "
                                   "over its own share of the batch)")
 
+    def describe_device(self) -> str:
+        """The device line printed at the start: where the run runs and which fast-path options are on."""
+        options = [name for name, on in (("bf16 autocast", self.amp is not None),
+                                         ("channels-last", self.channels_last),
+                                         ("compiled", self.config.train.compile and not self.learns_loss)) if on]
+        line = f"{self.config.method} on {self.device}"
+        if self.world.distributed:
+            line += f" x {self.world.size} processes"
+        if options:
+            line += f" ({', '.join(options)})"
+        if self.config.train.compile and self.learns_loss:
+            line += (f"; train.compile is ignored for {self.config.method}: its step runs the model through "
+                     "torch.func (a forward-mode product at the old parameters), which runs eagerly")
+        return line
+
     def advice(self) -> str:
         """What to lower (only settings this method has) and, truthfully, what checkpoint is kept."""
         settings = [f"optimizer.lr (now {self.config.optimizer.lr:g})"]
@@ -164,7 +185,10 @@ class SingleTaskTrainer:
             model = build_model(self.config.model.name, self.task.input_shape, self.task.num_outputs)
         if self.config.train.sync_batchnorm and self.world.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = model.to(self.device)
+        model = model.to(self.device, memory_format=torch.channels_last if self.channels_last
+                         else torch.preserve_format)
+        if self.config.train.compile and not self.learns_loss:
+            model.compile()
         opt = self.config.optimizer
         optimizer = opt.build(model.parameters())
         if opt.lr_multipliers_from is not None and stream == 0:
@@ -181,7 +205,11 @@ class SingleTaskTrainer:
         indices = batch_indices(size, batch_size, self.config.seed * 7919 + stream, step)
         rank = 0 if whole else self.world.rank
         generator = step_generator(self.config.seed, step, stream, rank) if split == "train" else None
-        return self.task.batch(split, indices if whole else shard(indices), generator, device=self.device)
+        inputs, targets = self.task.batch(split, indices if whole else shard(indices), generator, device=self.device)
+        return self._memory_format(inputs), targets
+
+    def _memory_format(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs.contiguous(memory_format=torch.channels_last) if self.channels_last else inputs
 
     def _meta_batch(self, batch: tuple[torch.Tensor, torch.Tensor], step: int, stream: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +229,7 @@ class SingleTaskTrainer:
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, errors
         for start in range(chunk * self.world.rank, size, chunk * self.world.size):
             inputs, targets = self.task.batch(split, torch.arange(start, min(start + chunk, size)), device=self.device)
-            outputs = model(inputs)
+            outputs = model(self._memory_format(inputs))
             totals[0] += self.task_loss(outputs, targets).double() * targets.shape[0]
             if self.metric == "error":
                 totals[1] += (outputs.argmax(dim=1) != targets).sum()
@@ -436,7 +464,8 @@ class SingleTaskTrainer:
         model, optimizer, _ = self._fresh_base(stream=stream)
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         for k in range(steps):
-            stats = online_step(model, loss, optimizer, self._batch("train", k, INIT_TRAIN_STREAM), self.task_loss)
+            stats = online_step(model, loss, optimizer, self._batch("train", k, INIT_TRAIN_STREAM), self.task_loss,
+                                amp=self.amp)
             finite = finite & stats.finite
         if not bool(finite):
             return math.inf
@@ -528,7 +557,7 @@ class SingleTaskTrainer:
                     stats = self.adaptive.step(self.model, self.optimizer, batch,
                                                self._meta_batch(batch, self.step, META_STREAM), adapt=adapt)
                 else:
-                    stats = online_step(self.model, loss_fn, self.optimizer, batch, self.task_loss)
+                    stats = online_step(self.model, loss_fn, self.optimizer, batch, self.task_loss, amp=self.amp)
                 self.guard.record(stats.finite, self.step)
                 self.scheduler.step()
                 self.step += 1
@@ -590,8 +619,7 @@ def train(config: SingleTaskConfig, run: RunDir, data_root: Path, resume: bool) 
         with restoring(run.checkpoint):
             trainer.load_state_dict(checkpoint)
     if trainer.world.is_main:
-        print(f"{config.method} on {trainer.device}" + (f" x {trainer.world.size} processes"
-                                                        if trainer.world.distributed else ""))
+        print(trainer.describe_device())
     with StopRequest() as stop:
         try:
             if trainer.learns_loss and trainer.init_step < config.meta.init_steps:

@@ -12,7 +12,8 @@ from engine.errors import NonFiniteError
 class NonFiniteGuard:
     """`record(finite, step)` after every step; `check(advice)` raises NonFiniteError naming the first bad step."""
 
-    def __init__(self) -> None:
+    def __init__(self, unit: str = "step") -> None:
+        self.unit = unit  # what a step is called in the message (e.g. "meta-iteration")
         self.first_bad: torch.Tensor | None = None
 
     def record(self, finite: torch.Tensor, step: int) -> None:
@@ -24,4 +25,4 @@ class NonFiniteGuard:
         """Under torchrun every rank checks at the same step and raises together (the first bad step of any)."""
         step = first_over_ranks(int(self.first_bad) if self.first_bad is not None else -1)
         if step >= 0:
-            raise NonFiniteError(f"{what} became non-finite at step {step}; {advice}")
+            raise NonFiniteError(f"{what} became non-finite at {self.unit} {step}; {advice}")

@@ -36,9 +36,9 @@ from engine.distributed import (
     shard,
     world,
 )
-from engine.errors import NonFiniteError
 from engine.hparams import log_hparams
 from engine.interrupt import StopRequest
+from engine.nonfinite_guard import NonFiniteGuard
 from engine.rng import rng_state, seed_everything, set_rng_state
 from engine.run_dir import RunDir, write_results
 from npbml.config import EpisodicConfig
@@ -63,10 +63,10 @@ def evaluate(learner: nn.Module, episodes: Iterable[Episode], steps: int, device
 
 
 def meta_gradient(learner: nn.Module, params: list[torch.Tensor], episodes: list[Episode], steps: int,
-                  device: torch.device) -> tuple[float, float]:
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate into `params`' .grad the meta-gradient of the mean query loss over `episodes` (the whole
     meta-batch; under torchrun this rank adapts its share and the gradients are summed over the ranks); returns
-    the mean query loss and accuracy."""
+    the mean query loss and accuracy as device tensors (no host sync)."""
     sums = torch.zeros(2, device=device)
     for episode in shard(episodes):
         loss, accuracy = learner(episode.to(device), steps, train=True)
@@ -78,8 +78,8 @@ def meta_gradient(learner: nn.Module, params: list[torch.Tensor], episodes: list
             p.grad = torch.zeros_like(p)
         grads.append(p.grad)
     all_reduce_sum_([*grads, sums])
-    loss_sum, acc_sum = sums.tolist()
-    return loss_sum / len(episodes), acc_sum / len(episodes)
+    mean = sums / len(episodes)
+    return mean[0], mean[1]
 
 
 def _samplers(config: EpisodicConfig, data_root: Path) -> dict[str, EpisodeSampler]:
@@ -138,6 +138,13 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
     started = time.time() - state["wall_time"]
     sample_time = step_time = 0.0
     postfix: dict[str, str] = {}
+    guard = NonFiniteGuard(unit="meta-iteration")
+
+    def check_finite() -> None:
+        """Read the device-side record of non-finite iterations (at logging, evaluation and checkpoints only)."""
+        guard.check("the meta-loss or its gradient", "lower outer.lr or inner.lr (or set outer.grad_clip); the "
+                    f"last good checkpoint is kept in {run.path}")
+
     with StopRequest() as stop:
         try:
             while state["iteration"] < total:
@@ -149,21 +156,19 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
                 optimizer.zero_grad(set_to_none=True)
                 mean_loss, mean_acc = meta_gradient(learner, params, episodes, config.inner.steps, device)
                 norm = torch.nn.utils.clip_grad_norm_(params, config.outer.grad_clip or float("inf"))
-                if not (math.isfinite(mean_loss) and torch.isfinite(norm)):
-                    raise NonFiniteError(
-                        f"meta-iteration {iteration}: the meta-loss or its gradient is not finite "
-                        f"(loss {mean_loss:.4g}, gradient norm {float(norm):.4g}); "
-                        "lower outer.lr or inner.lr (or set outer.grad_clip). The last good checkpoint is kept in "
-                        f"{run.path}"
-                    )
+                guard.record(torch.isfinite(mean_loss) & torch.isfinite(norm), iteration)
                 optimizer.step()
                 scheduler.step()
                 step_time += time.time() - tick
                 state["iteration"] = iteration
                 if iteration % config.log.every == 0 or iteration == total:
-                    _log_train(writer, learner, iteration, mean_loss, mean_acc, float(norm),
+                    check_finite()
+                    loss_value, acc_value, norm_value = torch.stack([mean_loss, mean_acc, norm]).tolist()
+                    _log_train(writer, learner, iteration, loss_value, acc_value, norm_value,
                                scheduler.get_last_lr()[0], sample_time / max(step_time, 1e-9))
+                    postfix.update(loss=f"{loss_value:.3f}", acc=f"{acc_value:.3f}")
                 if iteration % config.eval.every == 0 or iteration == total:
+                    check_finite()
                     val_acc, _ = mean_ci95(accuracies("validation", config.eval.val_tasks))
                     writer.add_scalar("meta_val/accuracy", val_acc, iteration)
                     _log_loss_shape(writer, learner, iteration)
@@ -176,10 +181,10 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
                 state["wall_time"] = time.time() - started
                 stopping = any_rank(stop.requested)
                 if stopping or iteration % config.log.checkpoint_every == 0 or iteration == total:
+                    check_finite()
                     save()
                 if stopping:
                     raise KeyboardInterrupt
-                postfix.update(loss=f"{mean_loss:.3f}", acc=f"{mean_acc:.3f}")
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
         finally:

@@ -103,7 +103,7 @@ def test_non_finite_meta_gradient_is_reported(shared_data: Path, tmp_path: Path,
     code, folder = run("maml_omniglot_5w1s.yaml", tmp_path, shared_data, "nan", "inner.lr=1e30")
     assert code == 2
     err = capsys.readouterr().err
-    assert "meta-iteration 1" in err and "not finite" in err and "lower" in err
+    assert "meta-iteration 1;" in err and "non-finite" in err and "lower" in err
 
 
 def expect_one_line_error(capsys: pytest.CaptureFixture, code: int, fragment: str) -> None:
