@@ -10,13 +10,14 @@ from engine.errors import ConfigError
 METHODS = ("maml", "metasgd", "npbml")
 Method = Literal["maml", "metasgd", "npbml"]
 BLOCKS = 4  # pooled blocks of both backbones
+Dataset = Literal["omniglot", "mini_imagenet", "cifarfs", "fc100", "tieredimagenet", "cub200"]
 
 
 @dataclass
 class DataConfig:
     """Episodes: `ways`-way `shots`-shot tasks with `query` query examples per class."""
 
-    dataset: Literal["omniglot", "mini_imagenet"] = "omniglot"
+    dataset: Dataset = "omniglot"
     root: str | None = None
     ways: int = 5
     shots: int = 1
@@ -75,6 +76,7 @@ class EvalConfig:
     every: int = 500  # meta-validate every this many meta-iterations
     val_tasks: int = 100
     test_tasks: int = 600
+    test_dataset: Dataset | None = None  # cross-domain: meta-test on this data set's test split instead
 
 
 @dataclass

@@ -36,6 +36,7 @@ from engine.distributed import (
     shard,
     world,
 )
+from engine.errors import ConfigError
 from engine.hparams import log_hparams
 from engine.interrupt import StopRequest
 from engine.nonfinite_guard import NonFiniteGuard
@@ -83,9 +84,18 @@ def meta_gradient(learner: nn.Module, params: list[torch.Tensor], episodes: list
 
 
 def _samplers(config: EpisodicConfig, data_root: Path) -> dict[str, EpisodeSampler]:
+    """Episode samplers of the meta-train, meta-validation and meta-test splits; with `eval.test_dataset`, the
+    meta-test split is that data set's (cross-domain), its images the shape of the training set's."""
     d = config.data
     splits = load_splits(d.dataset, data_root)
-    check_episodes_fit(splits, d.dataset, d.ways, d.shots, d.query)
+    cross = config.eval.test_dataset
+    if cross is not None and cross != d.dataset:
+        splits["test"] = load_splits(cross, data_root)["test"]
+        shapes = {name: tuple(splits[split][0][0].shape) for name, split in ((d.dataset, "train"), (cross, "test"))}
+        if len(set(shapes.values())) > 1:
+            raise ConfigError(f"eval.test_dataset = {cross}: its images are {shapes[cross]} but {d.dataset}'s are "
+                              f"{shapes[d.dataset]}; meta-test on a data set with images of the training set's shape")
+    check_episodes_fit(splits, d.dataset if cross is None else f"{d.dataset} / {cross}", d.ways, d.shots, d.query)
     return {split: EpisodeSampler(data, d.ways, d.shots, d.query, d.train_tasks if split == "train" else -1)
             for split, data in splits.items()}
 
@@ -197,6 +207,7 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
     writer.close()
     results = {
         "method": config.method, "test_accuracy": test_acc, "test_ci95": test_ci,
+        "test_dataset": config.eval.test_dataset or config.data.dataset,
         "test_tasks": config.eval.test_tasks, "iterations": state["iteration"],
         "best_val_accuracy": state["best_val"], "best_iteration": state["best_iteration"],
         "wall_time_s": state["wall_time"], "seed": config.seed,

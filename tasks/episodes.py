@@ -153,12 +153,26 @@ def check_episodes_fit(splits: dict[str, ImageClasses], dataset: str, ways: int,
 
 
 def load_splits(dataset: str, root: Path) -> dict[str, ImageClasses]:
-    """The meta-train / meta-validation / meta-test class sets of `dataset` ('omniglot' or 'mini_imagenet')."""
+    """The meta-train / meta-validation / meta-test class sets of `dataset` (one of npbml.config.DATASETS)."""
     if dataset == "omniglot":
         from tasks.omniglot import load_omniglot, omniglot_split
 
         data = load_omniglot(root)
         return {split: ImageClasses(*omniglot_split(data, split)) for split in SPLITS}
+    if dataset in ("cifarfs", "fc100"):
+        from tasks.cifar100_fewshot import load_cifarfs, load_fc100
+
+        splits = (load_cifarfs if dataset == "cifarfs" else load_fc100)(root)
+        return {split: ImageClasses(*splits[split]) for split in SPLITS}
+    if dataset == "tieredimagenet":
+        from tasks.tiered_imagenet import load_tiered_imagenet
+
+        return {split: load_tiered_imagenet(root, split) for split in SPLITS}
+    if dataset == "cub200":
+        from tasks.cub200 import load_cub200
+
+        splits = load_cub200(root)
+        return {split: ImageClasses(*splits[split]) for split in SPLITS}
     from tasks.mini_imagenet import load_mini_imagenet
 
     return {split: ImageClasses(*load_mini_imagenet(root, split)) for split in SPLITS}

@@ -118,22 +118,27 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _unpickle(path: Path) -> dict[str, Any]:
-    """A CIFAR batch as a dict with str keys (the official files have bytes keys, re-created ones str)."""
+def unpickle_arrays(path: Path) -> Any:
+    """A pickle of plain containers and NumPy arrays (no other object can be built from a data file)."""
     try:
         with open(path, "rb") as f:
-            obj = _ArrayUnpickler(f, encoding="bytes").load()
+            return _ArrayUnpickler(f, encoding="bytes").load()
     except PermissionError as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
     except Exception as exc:  # a broken pickle can raise almost anything
         raise corrupt(path, f"not a readable pickle: {type(exc).__name__}: {exc}") from None
+
+
+def unpickle_cifar(path: Path) -> dict[str, Any]:
+    """A CIFAR batch as a dict with str keys (the official files have bytes keys, re-created ones str)."""
+    obj = unpickle_arrays(path)
     if not isinstance(obj, dict):
         raise corrupt(path, "expected a pickled dict")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
 def _read_cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[Tensor, Tensor]:
-    batch = _unpickle(path)
+    batch = unpickle_cifar(path)
     if "data" not in batch or label_key not in batch:
         raise corrupt(path, f"expected the keys 'data' and '{label_key}'")
     data = np.asarray(batch["data"])
