@@ -70,8 +70,8 @@ class NPBML(nn.Module):
             for name, param in params.items():
                 if not is_meta_only(name):
                     param.requires_grad_(False)
-        self.loss = TaskAdaptiveLoss(config.data.ways, self.components.film) if self.components.learned_loss \
-            else None
+        self.loss = TaskAdaptiveLoss(config.data.ways, self.components.film, init=self.components.loss_init) \
+            if self.components.learned_loss else None
         self.lrs = nn.ParameterList(
             nn.Parameter(torch.full_like(params[n], self.inner.lr)) for n in self.names
         ) if self.components.learned_inner_lr else None
@@ -144,6 +144,27 @@ class NPBML(nn.Module):
 
     def inner_lrs(self) -> torch.Tensor | None:
         return None if self.lrs is None else torch.cat([lr.detach().reshape(-1) for lr in self.lrs])
+
+    @torch.no_grad()
+    def loss_terms(self, episode: Episode) -> dict[str, float]:
+        """The task-adaptive loss's terms (CE, L_S, L_Q, R) at the initialisation on `episode`: how far the learned
+        terms have moved from zero, for TensorBoard."""
+        features = self.features(episode, train=False)
+        base = dict(self.backbone.named_parameters())
+        params = {n: base[n] for n in self.names}
+        logits = self.logits(params, features.inner)
+        support = len(episode.support_y)
+        terms = self.loss.terms(logits[:support], episode.support_y, logits[support:], list(params.values()))
+        return dict(zip(terms, torch.stack(list(terms.values())).tolist(), strict=True))
+
+    def loss_meta_gradient_norms(self) -> dict[str, float]:
+        """The norm of the current meta-gradient of each learned term's network (after a backward)."""
+        nets = {"support": self.loss.support_net, "query": self.loss.query_net,
+                "regulariser": self.loss.regulariser_net}
+        norms = {name: torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in net.parameters()
+                                                            if p.grad is not None] or [torch.zeros(1)]))
+                 for name, net in nets.items()}
+        return dict(zip(norms, torch.stack(list(norms.values())).tolist(), strict=True))
 
 
 def build_learner(config: EpisodicConfig, in_shape: tuple[int, int, int]) -> nn.Module:

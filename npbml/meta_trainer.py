@@ -176,6 +176,7 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
                     loss_value, acc_value, norm_value = torch.stack([mean_loss, mean_acc, norm]).tolist()
                     _log_train(writer, learner, iteration, loss_value, acc_value, norm_value,
                                scheduler.get_last_lr()[0], sample_time / max(step_time, 1e-9))
+                    _log_loss_terms(writer, learner, episodes[0].to(device), iteration)
                     postfix.update(loss=f"{loss_value:.3f}", acc=f"{acc_value:.3f}")
                 if iteration % config.eval.every == 0 or iteration == total:
                     check_finite()
@@ -238,6 +239,18 @@ def _log_train(writer: EventWriter, learner: nn.Module, iteration: int, loss: fl
     if inner_lrs is not None:
         writer.add_scalar("inner_lr/mean", float(inner_lrs.mean()), iteration)
         writer.add_histogram("inner_lr/values", inner_lrs, iteration)
+
+
+def _log_loss_terms(writer: EventWriter, learner: nn.Module, episode: Episode, iteration: int) -> None:
+    """Does the task-adaptive loss learn? Each learned term's size relative to CE at the initialisation, and the
+    meta-gradient norm of its network."""
+    if getattr(learner, "loss", None) is None:
+        return
+    terms = learner.loss_terms(episode)
+    for name in ("support", "query", "regulariser"):
+        writer.add_scalar(f"learned_loss/{name}_over_ce", abs(terms[name]) / max(terms["ce"], 1e-12), iteration)
+    for name, norm in learner.loss_meta_gradient_norms().items():
+        writer.add_scalar(f"learned_loss/{name}_meta_grad_norm", norm, iteration)
 
 
 def _log_loss_shape(writer: EventWriter, learner: nn.Module, iteration: int) -> None:

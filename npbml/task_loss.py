@@ -30,8 +30,9 @@ class FiLMLossMLP(LossMLP):
     """`LossMLP` with optional FiLM after every linear layer and an output centred at zero."""
 
     def __init__(self, in_features: int, hidden: Sequence[int] = (40, 40), film: bool = True,
-                 init_std: float = 0.01, beta: float = 5.0, gamma: float = 0.25) -> None:
-        super().__init__(in_features, hidden, nn.ReLU, SmoothLeakyReLU(beta, gamma), init_std=init_std)
+                 init: str = "small", beta: float = 5.0, gamma: float = 0.25) -> None:
+        super().__init__(in_features, hidden, nn.ReLU, SmoothLeakyReLU(beta, gamma),
+                         init_std=0.01 if init == "small" else None, zero_output=init == "zero_output")
         self.films = nn.ModuleList(FiLM(layer.in_features, layer.out_features) for layer in self.layers) \
             if film else None
 
@@ -76,12 +77,12 @@ def parameter_statistics(params: Sequence[torch.Tensor], eps: float = 1e-12) -> 
 class TaskAdaptiveLoss(nn.Module):
     """M(support, query, params) = CE(support) + L_S + L_Q + R."""
 
-    def __init__(self, ways: int, film: bool = True, hidden: Sequence[int] = (40, 40)) -> None:
+    def __init__(self, ways: int, film: bool = True, hidden: Sequence[int] = (40, 40), init: str = "small") -> None:
         super().__init__()
         self.ways = ways
-        self.support_net = FiLMLossMLP(2 * ways + 1, hidden, film)
-        self.query_net = FiLMLossMLP(2 * ways + 1, hidden, film)
-        self.regulariser_net = FiLMLossMLP(4, hidden, film)
+        self.support_net = FiLMLossMLP(2 * ways + 1, hidden, film, init)
+        self.query_net = FiLMLossMLP(2 * ways + 1, hidden, film, init)
+        self.regulariser_net = FiLMLossMLP(4, hidden, film, init)
 
     def terms(self, support_logits: torch.Tensor, support_y: torch.Tensor, query_logits: torch.Tensor,
               params: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:

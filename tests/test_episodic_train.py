@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_episodes import write_mini_imagenet
 from test_hparams import read_hparams
 
@@ -41,6 +42,9 @@ def test_each_method_meta_trains_on_omniglot(config: str, shared_data: Path, tmp
     assert hparams["data.ways"] == 5 and hparams["outer.iterations"] == 2 and hparams["seed"] == 0
     assert metrics["hparams/test_accuracy"] == pytest.approx(results["test_accuracy"], rel=1e-6)
     assert metrics["hparams/best_val_accuracy"] == pytest.approx(results["best_val_accuracy"], rel=1e-6)
+    if config == "npbml_omniglot_5w1s.yaml":  # does the task-adaptive loss learn: its terms' sizes and gradients
+        tags = set(EventAccumulator(str(folder / "tensorboard")).Reload().Tags()["scalars"])
+        assert {"learned_loss/support_over_ce", "learned_loss/regulariser_meta_grad_norm"} <= tags
 
 
 @pytest.mark.slow

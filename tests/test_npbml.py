@@ -47,6 +47,23 @@ def test_task_adaptive_loss_starts_as_cross_entropy() -> None:
     assert value.item() == pytest.approx(F.cross_entropy(logits, y).item(), abs=1e-3)
 
 
+@pytest.mark.parametrize("init", ["small", "zero_output"])
+def test_the_learned_terms_start_at_zero_and_only_the_zero_output_init_has_a_usable_meta_gradient(init) -> None:
+    """What reaches the inner loop is the terms' gradient in the logits; what the outer loop learns from is its
+    derivative in the loss networks' parameters (the meta-gradient's path)."""
+    torch.manual_seed(0)
+    loss = TaskAdaptiveLoss(WAYS, init=init)
+    logits, y = (3 * torch.randn(10, WAYS)).requires_grad_(), torch.arange(10) % WAYS
+    terms = loss.terms(logits, y, 3 * torch.randn(15, WAYS), [torch.randn(8, 4, 3, 3), torch.ones(8)])
+    learned = terms["support"] + terms["query"] + terms["regulariser"]
+    (inner_signal,) = torch.autograd.grad(learned, logits, create_graph=True)
+    assert inner_signal.norm() < 1e-4  # both start (nearly) as cross-entropy
+    meta = torch.autograd.grad((inner_signal * torch.randn_like(inner_signal)).sum(), list(loss.parameters()),
+                               allow_unused=True)
+    norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in meta if g is not None]))
+    assert norm > 0.1 if init == "zero_output" else norm < 0.01
+
+
 def test_parameter_statistics_match_per_tensor_reductions_to_second_order() -> None:
     torch.manual_seed(0)
     # an all-zero tensor (BN biases at init) included; a constant non-zero one is left out: there the std's
