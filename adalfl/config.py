@@ -10,19 +10,13 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from engine.errors import ConfigError
+from engine.errors import require
 
 Method = Literal["ce", "mse", "label_smoothing", "sparse_lsr", "taylorglo", "evomal", "ml3", "adalfl"]
 """ce / mse / label_smoothing / sparse_lsr: handcrafted loss; taylorglo: a Taylor-polynomial loss searched by CMA-ES,
 then frozen; evomal: a symbolic loss searched by genetic programming with a gradient local search, then frozen;
 ml3: loss learned offline (phase 1) then frozen; adalfl: phase 1 + online."""
 METHODS: tuple[str, ...] = get_args(Method)
-
-
-def require(condition: bool, message: str) -> None:
-    """Raise ConfigError(message) unless `condition` holds."""
-    if not condition:
-        raise ConfigError(message)
 
 
 @dataclass

@@ -15,3 +15,9 @@ class DataError(UserError):
 
 class NonFiniteError(UserError):
     """Training produced a NaN or infinity; the last good checkpoint is kept."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless `condition` holds."""
+    if not condition:
+        raise ConfigError(message)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, require
 
 METHODS = ("maml", "metasgd", "npbml")
 Method = Literal["maml", "metasgd", "npbml"]
@@ -83,6 +83,26 @@ class EvalConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Backbone pre-training before meta-training (the reference's `pretrained_backbone: True`; its run:
+    200,000 steps at batch 128): the backbone's blocks with a temporary head over every meta-training class,
+    trained as an ordinary classifier on the meta-training split only (SGD, cosine-annealed lr); meta-training
+    then starts from those blocks. `steps: 0` skips it."""
+
+    steps: int = 0
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0005
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 0, f"pretrain.steps = {self.steps} must be at least 0 (0 skips pre-training)")
+        require(self.batch_size >= 1, f"pretrain.batch_size = {self.batch_size} must be at least 1")
+        require(self.lr > 0, f"pretrain.lr = {self.lr} must be positive")
+
+
+@dataclass
 class LogConfig:
     every: int = 10  # TensorBoard scalars every this many meta-iterations
     checkpoint_every: int = 100
@@ -102,6 +122,7 @@ class EpisodicConfig:
     outer: OuterConfig = field(default_factory=OuterConfig)
     components: ComponentsConfig = field(default_factory=ComponentsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:

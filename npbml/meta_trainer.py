@@ -4,7 +4,8 @@ One meta-iteration: seed Python's `random` from (seed, iteration) so the tasks r
 sample `meta_batch` episodes, adapt on each support set, average the query losses, clip the
 meta-gradient and take an Adam step (cosine-annealed learning rate). Every `eval.every`
 iterations the model is scored on fixed meta-validation tasks and the best one kept; at the end
-the best model is meta-tested on `eval.test_tasks` fixed tasks.
+the best model is meta-tested on `eval.test_tasks` fixed tasks. With `pretrain.steps`, the backbone is first
+pre-trained as a classifier over the meta-training classes (npbml/pretrain.py) and meta-training starts from it.
 
 Under torchrun the tasks of a meta-batch are split over the ranks and their meta-gradients summed (each task's
 loss is divided by the whole meta-batch), so the update is a single process's; meta-validation and meta-test
@@ -44,6 +45,7 @@ from engine.rng import rng_state, seed_everything, set_rng_state
 from engine.run_dir import RunDir, write_results
 from npbml.config import EpisodicConfig
 from npbml.learners import build_learner
+from npbml.pretrain import backbone_of, pretrain_backbone
 from tasks.episodes import Episode, EpisodeSampler, check_episodes_fit, load_splits, python_random
 
 VALIDATION_STREAM, TEST_STREAM = 1, 2
@@ -156,6 +158,9 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
                     f"last good checkpoint is kept in {run.path}")
 
     with StopRequest() as stop:
+        if config.pretrain.steps and state["iteration"] == 0:
+            blocks = pretrain_backbone(config, samplers["train"].data, in_shape, device, run, stop)
+            backbone_of(learner).load_state_dict(blocks, strict=False)
         try:
             while state["iteration"] < total:
                 iteration = state["iteration"] + 1

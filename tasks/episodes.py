@@ -99,6 +99,7 @@ class EpisodeSampler:
 
     def __init__(self, dataset: ImageClasses, ways: int, shots: int, query: int, num_tasks: int = -1) -> None:
         self.ways, self.shots = ways, shots
+        self.data = dataset
         self.taskset = build_taskset(dataset, ways, shots, query, num_tasks)
 
     def sample(self) -> Episode:
