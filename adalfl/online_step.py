@@ -111,6 +111,11 @@ def model_jvp(
         return forward_ad.unpack_dual(outputs).tangent
 
 
+def to_float32(outputs: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
+    """Autocast outputs back in float32 for the losses; without autocast, as they are (float64 stays float64)."""
+    return outputs.float() if amp is not None else outputs
+
+
 def online_step(
     model: nn.Module,
     loss_fn: LossFn,
@@ -138,7 +143,7 @@ def online_step(
 
     with autocast():
         outputs = model(inputs)
-    outputs_leaf = outputs.detach().float().requires_grad_()
+    outputs_leaf = to_float32(outputs.detach(), amp).requires_grad_()
     loss = loss_fn(outputs_leaf, targets)
     (dloss_doutputs,) = torch.autograd.grad(loss, outputs_leaf, create_graph=meta is not None)
     if task_loss is loss_fn:
@@ -172,7 +177,7 @@ def online_step(
     with batch_statistics_only(model):
         with autocast():
             meta_outputs = model(meta_inputs)
-        meta_loss = task_loss(meta_outputs.float(), meta_targets)
+        meta_loss = task_loss(to_float32(meta_outputs, amp), meta_targets)
         direction = torch.autograd.grad(meta_loss, list(params.values()), allow_unused=True, materialize_grads=True)
         all_reduce_mean_(direction)
         tangents = {name: diagonal[p] * v if p in diagonal else torch.zeros_like(v)
