@@ -58,6 +58,7 @@ class OuterConfig:
     grad_clip: float | None = 10.0
     cosine: bool = True
     min_lr: float = 0.0
+    loss_lr: float | None = None  # NPBML: the loss networks' outer lr (null: outer.lr); cosine-annealed alike
 
 
 @dataclass

@@ -103,8 +103,13 @@ def _samplers(config: EpisodicConfig, data_root: Path) -> dict[str, EpisodeSampl
 
 
 def _optimizer(config: EpisodicConfig, learner: nn.Module):
+    """Adam over the meta-parameters (the learned loss's networks at `outer.loss_lr` when set), cosine-annealed."""
     params = [p for p in learner.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.outer.lr)
+    loss = getattr(learner, "loss", None)
+    loss_params = {id(p) for p in loss.parameters()} if loss is not None else set()
+    groups = [{"params": [p for p in params if id(p) not in loss_params]},
+              {"params": [p for p in params if id(p) in loss_params], "lr": config.outer.loss_lr or config.outer.lr}]
+    optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=config.outer.lr)
     total = config.outer.iterations if config.outer.cosine else 10**12
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=config.outer.min_lr)
     return params, optimizer, scheduler

@@ -230,3 +230,15 @@ def test_ci95() -> None:
 def test_bad_config(override: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build_config(EpisodicConfig, override)
+
+
+def test_the_loss_networks_can_have_their_own_outer_learning_rate() -> None:
+    from npbml.meta_trainer import _optimizer
+
+    learner = build_learner(build_config(EpisodicConfig, {"method": "npbml", "model": {"filters": 8},
+                                                          "outer": {"lr": 1e-3, "loss_lr": 1e-2}}), (1, 28, 28))
+    _, optimizer, _ = _optimizer(build_config(EpisodicConfig, {"method": "npbml", "outer": {"loss_lr": 1e-2}}),
+                                 learner)
+    lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert {lrs[id(p)] for p in learner.loss.parameters()} == {1e-2}
+    assert {lrs[id(p)] for p in learner.backbone.parameters() if p.requires_grad} == {1e-3}
