@@ -59,6 +59,9 @@ class OuterConfig:
     cosine: bool = True
     min_lr: float = 0.0
     loss_lr: float | None = None  # NPBML: the loss networks' outer lr (null: outer.lr); cosine-annealed alike
+    # adapt a meta-batch's tasks as one vmapped computation (NPBML.forward_tasks) instead of task by task; MAML and
+    # Meta-SGD then run on the same functional inner loop as NPBML with its components off (README, "NPBML")
+    vectorize_tasks: bool = False
 
 
 @dataclass

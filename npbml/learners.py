@@ -10,6 +10,7 @@ meta-validation/test adapts without one.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -18,7 +19,8 @@ from torch import nn
 from torch.func import functional_call
 
 from npbml.backbones import Backbone, adapted_names, build_backbone, is_meta_only
-from npbml.config import EpisodicConfig
+from npbml.batch_norm import with_vmap_safe_batch_norm
+from npbml.config import ComponentsConfig, EpisodicConfig
 from npbml.task_loss import TaskAdaptiveLoss
 from tasks.episodes import Episode, import_learn2learn
 
@@ -62,7 +64,7 @@ class NPBML(nn.Module):
 
     def __init__(self, backbone: Backbone, config: EpisodicConfig) -> None:
         super().__init__()
-        self.components, self.inner = config.components, config.inner
+        self.components, self.inner, self.ways = config.components, config.inner, config.data.ways
         self.backbone = backbone
         self.names = adapted_names(backbone)
         params = dict(backbone.named_parameters())
@@ -80,32 +82,32 @@ class NPBML(nn.Module):
         """The backbone's logits on trunk `features` with the adapted parameters `params`."""
         return functional_call(self.backbone, params, (features, True))
 
-    def inner_loss(self, params: dict[str, torch.Tensor], episode: Episode,
-                   features: EpisodeFeatures) -> torch.Tensor:
+    def inner_loss(self, params: dict[str, torch.Tensor], support_y: torch.Tensor,
+                   inner_features: torch.Tensor) -> torch.Tensor:
         """The loss the inner loop descends: cross-entropy on the support, or the task-adaptive loss."""
-        logits = self.logits(params, features.inner)
+        logits = self.logits(params, inner_features)
         if self.loss is None:
-            return F.cross_entropy(logits, episode.support_y)
-        support = len(episode.support_y)
-        return self.loss(logits[:support], episode.support_y, logits[support:], list(params.values()))
+            return F.cross_entropy(logits, support_y)
+        support = len(support_y)
+        return self.loss(logits[:support], support_y, logits[support:], list(params.values()))
 
-    def transductive_x(self, episode: Episode) -> torch.Tensor:
+    def transductive_x(self, query_x: torch.Tensor) -> torch.Tensor:
         """The first `inner.transductive_shots` query examples of each class (the query is class-major)."""
-        ways = int(episode.support_y.max()) + 1
-        per_class = episode.query_x.reshape(ways, -1, *episode.query_x.shape[1:])
-        return per_class[:, :self.inner.transductive_shots].reshape(-1, *episode.query_x.shape[1:])
+        per_class = query_x.reshape(self.ways, -1, *query_x.shape[1:])
+        return per_class[:, :self.inner.transductive_shots].reshape(-1, *query_x.shape[1:])
 
-    def inner_x(self, episode: Episode) -> torch.Tensor:
+    def inner_x(self, support_x: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
         """The inner loop's batch: the support, followed by the transductive query examples when L_Q is on."""
         if self.loss is None:
-            return episode.support_x
-        return torch.cat((episode.support_x, self.transductive_x(episode)))
+            return support_x
+        return torch.cat((support_x, self.transductive_x(query_x)))
 
     def features(self, episode: Episode, train: bool) -> EpisodeFeatures:
         """The trunk's output, fixed in the inner loop, so computed once per episode (with a graph to the
         trunk's parameters when training)."""
         with torch.set_grad_enabled(train):
-            return EpisodeFeatures(self.backbone.trunk(self.inner_x(episode)), self.backbone.trunk(episode.query_x))
+            return EpisodeFeatures(self.backbone.trunk(self.inner_x(episode.support_x, episode.query_x)),
+                                   self.backbone.trunk(episode.query_x))
 
     def adapt(self, episode: Episode, steps: int, create_graph: bool,
               features: EpisodeFeatures | None = None) -> dict[str, torch.Tensor]:
@@ -118,22 +120,29 @@ class NPBML(nn.Module):
         base = dict(self.backbone.named_parameters())
         params = [base[n] if base[n].requires_grad and create_graph else base[n].detach().requires_grad_()
                   for n in self.names]
-        momentum = self.inner.momentum
         buffers: list[torch.Tensor] | None = None
         for _ in range(steps):
-            loss = self.inner_loss(dict(zip(self.names, params, strict=True)), episode, features)
-            step = list(torch.autograd.grad(loss, params, create_graph=create_graph and not self.inner.first_order))
-            if self.inner.weight_decay:
-                step = torch._foreach_add(step, params, alpha=self.inner.weight_decay)
-            if momentum:
-                buffers = step if buffers is None else torch._foreach_add(step, buffers, alpha=momentum)
-                step = torch._foreach_add(step, buffers, alpha=momentum) if self.inner.nesterov else buffers
-            params = torch._foreach_sub(params, torch._foreach_mul(step, list(self.lrs))) \
-                if self.lrs is not None else torch._foreach_add(params, step, alpha=-self.inner.lr)
+            loss = self.inner_loss(dict(zip(self.names, params, strict=True)), episode.support_y, features.inner)
+            grads = list(torch.autograd.grad(loss, params, create_graph=create_graph and not self.inner.first_order))
+            params, buffers = self.inner_update(params, grads, buffers)
             if not create_graph:
                 params = [p.detach().requires_grad_() for p in params]
                 buffers = [b.detach() for b in buffers] if buffers is not None else None
         return dict(zip(self.names, params, strict=True))
+
+    def inner_update(self, params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor] | None
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """One inner SGD step on all adapted tensors at once (`torch._foreach_*`, differentiable): weight decay,
+        momentum, Nesterov, then the fixed or the learned (Meta-SGD) learning rates. Returns (params, buffers)."""
+        step, momentum = grads, self.inner.momentum
+        if self.inner.weight_decay:
+            step = torch._foreach_add(step, params, alpha=self.inner.weight_decay)
+        if momentum:
+            buffers = step if buffers is None else torch._foreach_add(step, buffers, alpha=momentum)
+            step = torch._foreach_add(step, buffers, alpha=momentum) if self.inner.nesterov else buffers
+        params = torch._foreach_sub(params, torch._foreach_mul(step, list(self.lrs))) \
+            if self.lrs is not None else torch._foreach_add(params, step, alpha=-self.inner.lr)
+        return params, buffers
 
     def forward(self, episode: Episode, steps: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.features(episode, train)
@@ -141,6 +150,29 @@ class NPBML(nn.Module):
             params = self.adapt(episode, steps, create_graph=train, features=features)
         with torch.set_grad_enabled(train):
             return query_result(self.logits(params, features.query), episode.query_y)
+
+    def forward_tasks(self, episodes: list[Episode], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Meta-training's forward of a whole meta-batch as one batched computation: each task's query loss and
+        accuracy after `steps` inner steps, both [tasks], with the meta-gradient's graph. The per-task gradient
+        is `torch.func.vmap` of `torch.func.grad` over the tasks; the update runs on the stacked parameters. The
+        same values and meta-gradient as `forward` task by task, given the adapted blocks' vmap-safe batch norm
+        (npbml/batch_norm.py); every task's graph is held at once until the backward pass."""
+        support_x, support_y, query_x, query_y = (torch.stack(field) for field in zip(*(
+            (e.support_x, e.support_y, e.query_x, e.query_y) for e in episodes), strict=True))
+        features = EpisodeFeatures(*(torch.stack(field) for field in zip(*(self.features(e, train=True)
+                                                                             for e in episodes), strict=True)))
+        base = dict(self.backbone.named_parameters())
+        params = [base[n].expand(len(episodes), *base[n].shape) for n in self.names]
+        task_grads = torch.func.vmap(torch.func.grad(
+            lambda ps, y, inner: self.inner_loss(dict(zip(self.names, ps, strict=True)), y, inner)))
+        buffers: list[torch.Tensor] | None = None
+        for _ in range(steps):
+            grads = list(task_grads(params, support_y, features.inner))
+            if self.inner.first_order:
+                grads = [g.detach() for g in grads]
+            params, buffers = self.inner_update(params, grads, buffers)
+        logits = torch.func.vmap(self.logits)(dict(zip(self.names, params, strict=True)), features.query)
+        return torch.func.vmap(query_result)(logits, query_y)
 
     def inner_lrs(self) -> torch.Tensor | None:
         return None if self.lrs is None else torch.cat([lr.detach().reshape(-1) for lr in self.lrs])
@@ -168,12 +200,21 @@ class NPBML(nn.Module):
 
 
 def build_learner(config: EpisodicConfig, in_shape: tuple[int, int, int]) -> nn.Module:
-    """The meta-learner `config.method` names, on the configured backbone."""
+    """The meta-learner `config.method` names, on the configured backbone. With `outer.vectorize_tasks` the
+    adapted blocks' batch norm is the vmap-safe one, and MAML / Meta-SGD are the functional learner with only the
+    initialisation (and the per-parameter learning rates) meta-learned."""
     npbml = config.method == "npbml"
     backbone = build_backbone(
         config.model.backbone, in_shape, config.data.ways, config.model.filters, config.model.adapted_blocks,
         warp=npbml and config.components.warp, film=npbml and config.components.film,
     )
+    if not config.outer.vectorize_tasks:
+        return NPBML(backbone, config) if npbml else \
+            L2LLearner(backbone, config.method, config.inner.lr, config.inner.first_order)
+    for block in backbone.blocks[backbone.trunk_blocks:]:  # the adapted norms (npbml/batch_norm.py)
+        with_vmap_safe_batch_norm(block)
     if npbml:
         return NPBML(backbone, config)
-    return L2LLearner(backbone, config.method, config.inner.lr, config.inner.first_order)
+    components = ComponentsConfig(learn_init=True, warp=False, learned_inner_lr=config.method == "metasgd",
+                                  learned_loss=False, film=False)
+    return NPBML(backbone, dataclasses.replace(config, components=components))

@@ -66,15 +66,22 @@ def evaluate(learner: nn.Module, episodes: Iterable[Episode], steps: int, device
 
 
 def meta_gradient(learner: nn.Module, params: list[torch.Tensor], episodes: list[Episode], steps: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                  device: torch.device, vectorized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate into `params`' .grad the meta-gradient of the mean query loss over `episodes` (the whole
-    meta-batch; under torchrun this rank adapts its share and the gradients are summed over the ranks); returns
-    the mean query loss and accuracy as device tensors (no host sync)."""
-    sums = torch.zeros(2, device=device)
-    for episode in shard(episodes):
-        loss, accuracy = learner(episode.to(device), steps, train=True)
-        (loss / len(episodes)).backward()
-        sums += torch.stack([loss.detach(), accuracy.detach().float()])
+    meta-batch; under torchrun this rank adapts its share and the gradients are summed over the ranks), task by
+    task or, `vectorized`, all tasks in one batched computation; returns the mean query loss and accuracy as
+    device tensors (no host sync)."""
+    share = [episode.to(device) for episode in shard(episodes)]
+    if vectorized:
+        losses, accuracies = learner.forward_tasks(share, steps)
+        (losses.sum() / len(episodes)).backward()
+        sums = torch.stack([losses.detach().sum(), accuracies.detach().sum()])
+    else:
+        sums = torch.zeros(2, device=device)
+        for episode in share:
+            loss, accuracy = learner(episode, steps, train=True)
+            (loss / len(episodes)).backward()
+            sums += torch.stack([loss.detach(), accuracy.detach().float()])
     grads = []
     for p in params:
         if p.grad is None:
@@ -174,7 +181,8 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
                     episodes = [samplers["train"].sample() for _ in range(config.outer.meta_batch)]
                 sample_time += time.time() - tick
                 optimizer.zero_grad(set_to_none=True)
-                mean_loss, mean_acc = meta_gradient(learner, params, episodes, config.inner.steps, device)
+                mean_loss, mean_acc = meta_gradient(learner, params, episodes, config.inner.steps, device,
+                                                    vectorized=config.outer.vectorize_tasks)
                 norm = torch.nn.utils.clip_grad_norm_(params, config.outer.grad_clip or float("inf"))
                 guard.record(torch.isfinite(mean_loss) & torch.isfinite(norm), iteration)
                 optimizer.step()

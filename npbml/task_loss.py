@@ -46,11 +46,16 @@ class FiLMLossMLP(LossMLP):
         return (x - self.output_activation(x.new_zeros(()))).squeeze(-1)
 
 
+def one_hot(labels: torch.Tensor, ways: int, dtype: torch.dtype) -> torch.Tensor:
+    """One-hot rows of `labels` (F.one_hot without its data-dependent range check, so it runs under vmap)."""
+    return (labels[..., None] == torch.arange(ways, device=labels.device)).to(dtype)
+
+
 def prototype_similarity(support_logits: torch.Tensor, support_y: torch.Tensor,
                          query_logits: torch.Tensor, ways: int) -> torch.Tensor:
     """softmax over classes of -||query - prototype||^2, prototypes the per-class mean support logits."""
-    one_hot = F.one_hot(support_y, ways).to(support_logits.dtype)
-    prototypes = one_hot.t() @ support_logits / one_hot.sum(0).clamp_min(1.0)[:, None]
+    one_hot_y = one_hot(support_y, ways, support_logits.dtype)
+    prototypes = one_hot_y.t() @ support_logits / one_hot_y.sum(0).clamp_min(1.0)[:, None]
     return (-(query_logits[:, None] - prototypes[None]).pow(2).sum(-1)).softmax(dim=-1)
 
 
@@ -88,8 +93,8 @@ class TaskAdaptiveLoss(nn.Module):
               params: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The four terms of M, each a scalar."""
         ce = F.cross_entropy(support_logits, support_y, reduction="none")
-        one_hot = F.one_hot(support_y, self.ways).to(support_logits.dtype)
-        support_in = torch.cat((support_logits, one_hot, ce[:, None]), dim=1)
+        support_in = torch.cat((support_logits, one_hot(support_y, self.ways, support_logits.dtype), ce[:, None]),
+                               dim=1)
         similarity = prototype_similarity(support_logits, support_y, query_logits, self.ways)
         pseudo_ce = F.cross_entropy(query_logits, query_logits.argmax(dim=1), reduction="none")
         query_in = torch.cat((query_logits, similarity, pseudo_ce[:, None]), dim=1)
@@ -113,5 +118,5 @@ class TaskAdaptiveLoss(nn.Module):
         logits[:, 0] = margins.to(device)
         y = torch.zeros(len(margins), dtype=torch.long, device=device)
         ce = F.cross_entropy(logits, y, reduction="none")
-        inputs = torch.cat((logits, F.one_hot(y, self.ways).float(), ce[:, None]), dim=1)
+        inputs = torch.cat((logits, one_hot(y, self.ways, logits.dtype), ce[:, None]), dim=1)
         return (ce + torch.stack([self.support_net(row[None]) for row in inputs]).reshape(-1)).cpu()

@@ -1,0 +1,94 @@
+"""`outer.vectorize_tasks`: a meta-batch adapted as one vmapped computation has the per-task loop's meta-gradient."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_episodic_train import run
+from torch import nn
+
+from engine.config import build_config
+from npbml.batch_norm import VmapSafeBatchNorm2d, with_vmap_safe_batch_norm
+from npbml.config import EpisodicConfig
+from npbml.learners import build_learner
+from npbml.meta_trainer import meta_gradient
+from tasks.episodes import Episode
+
+WAYS, QUERY = 5, 3
+
+
+def config(method: str, vectorize: bool, **options) -> EpisodicConfig:
+    npbml = method == "npbml"
+    inner = {"steps": 2, "lr": 0.1, **({"momentum": 0.9, "nesterov": True, "weight_decay": 5e-4} if npbml else {})}
+    return build_config(EpisodicConfig, {
+        "method": method, "model": {"filters": 8, "adapted_blocks": 2 if npbml else None},
+        "data": {"query": QUERY}, "inner": {**inner, **options.pop("inner", {})},
+        "outer": {"vectorize_tasks": vectorize}, "components": options.pop("components", {}),
+    })
+
+
+def episodes(count: int) -> list[Episode]:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(WAYS)
+    return [Episode(torch.rand(WAYS, 1, 28, 28, generator=g, dtype=torch.float64), y,
+                    torch.rand(WAYS * QUERY, 1, 28, 28, generator=g, dtype=torch.float64), y.repeat_interleave(QUERY))
+            for _ in range(count)]
+
+
+def meta_gradients(cfg: EpisodicConfig, tasks: list[Episode]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    learner = build_learner(cfg, (1, 28, 28)).double()
+    params = [p for p in learner.parameters() if p.requires_grad]
+    loss, _ = meta_gradient(learner, params, tasks, cfg.inner.steps, torch.device("cpu"),
+                            vectorized=cfg.outer.vectorize_tasks)
+    return loss, [p.grad for p in params]
+
+
+@pytest.mark.parametrize(("method", "options"), [
+    ("npbml", {}),  # initialisation, warp, task-adaptive loss (with L_Q), FiLM; momentum, Nesterov, weight decay
+    ("npbml", {"components": {"learned_inner_lr": True}, "inner": {"first_order": True}}),
+    ("maml", {}),  # the vectorised functional learner against learn2learn's MAML
+    ("metasgd", {}),
+    ("maml", {"inner": {"first_order": True}}),
+])
+def test_the_vectorised_meta_batch_has_the_per_task_loops_meta_gradient(method, options) -> None:
+    tasks = episodes(3)
+    loop_loss, loop = meta_gradients(config(method, False, **dict(options)), tasks)
+    vmap_loss, vectorised = meta_gradients(config(method, True, **dict(options)), tasks)
+    assert len(loop) == len(vectorised)
+    torch.testing.assert_close(vmap_loss.float(), loop_loss)
+    for a, b in zip(loop, vectorised, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-10)
+    assert max(float(g.abs().max()) for g in loop) > 1e-3  # a gradient worth comparing
+
+
+def test_the_vmap_safe_batch_norm_equals_pytorchs_and_shares_its_parameters() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).double()
+    nn.init.normal_(model[1].weight)
+    nn.init.normal_(model[1].bias)
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    expected = model(x)
+    (expected_grad,) = torch.autograd.grad(expected.pow(2).sum(), x)
+    weight = model[1].weight
+    with_vmap_safe_batch_norm(model)
+    assert isinstance(model[1], VmapSafeBatchNorm2d) and model[1].weight is weight
+    torch.testing.assert_close(model(x), expected)
+    (grad,) = torch.autograd.grad(model(x).pow(2).sum(), x)
+    torch.testing.assert_close(grad, expected_grad)
+    with pytest.raises(ValueError, match="batch statistics"):
+        with_vmap_safe_batch_norm(nn.Sequential(nn.BatchNorm2d(4)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_file", ["npbml_omniglot_5w1s.yaml", "maml_omniglot_5w1s.yaml"])
+def test_a_vectorised_run_of_train_py_ends_where_the_per_task_run_does(config_file, shared_data, tmp_path) -> None:
+    results = {}
+    for vectorize in ("false", "true"):
+        code, folder = run(config_file, tmp_path, shared_data, f"v{vectorize}", f"outer.vectorize_tasks={vectorize}")
+        assert code == 0
+        results[vectorize] = json.loads((folder / "results.json").read_text())
+    for key in ("test_accuracy", "best_val_accuracy", "iterations"):
+        assert results["true"][key] == pytest.approx(results["false"][key], abs=1e-6)
