@@ -59,5 +59,6 @@ def restoring(path: Path) -> Iterator[None]:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"checkpoint {path} does not fit this run's model ({type(exc).__name__}: {detail}); it was written "
-            "by another version of the code. Start the run again (without --resume, or in a new folder)."
+            "by another version of the code or for other model settings. Start the run again (without --resume, "
+            "or in a new folder)."
         ) from exc

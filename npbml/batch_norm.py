@@ -2,11 +2,12 @@
 
 The backbones normalise with each batch's statistics (no running buffers, as in MAML). Under vmap, PyTorch's
 fused batch-norm kernel gives a wrong second-order meta-gradient once the inner loop adapts the norm's parameters
-per task (measured in PyTorch 2.14 against the per-task loop, tests/test_vectorized_tasks.py). The same
-normalisation is a group norm with one group per channel over the batch moved into the spatial positions:
-`VmapSafeBatchNorm2d` computes it so, and vmap batches group norm's derivatives correctly (and, on the CPU, in
-half the time of the normalisation written out with `torch.var_mean`). `with_vmap_safe_batch_norm` swaps it into
-a built module, sharing the norm's parameters, so state dicts and checkpoints are unchanged.
+per task (measured in PyTorch 2.14; tests/test_vectorized_tasks.py keeps a check that fails once it is fixed).
+The same normalisation is a group norm with one group per channel over the batch moved into the spatial
+positions: `VmapSafeBatchNorm2d` computes it so, and vmap batches group norm's derivatives correctly (on the CPU
+in 0.5-0.7x the time of the normalisation written out with `torch.var_mean`; docs/benchmarks.md).
+`with_vmap_safe_batch_norm` swaps it into a built module, sharing the norm's parameters, so state dicts and
+checkpoints are unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ class VmapSafeBatchNorm2d(nn.Module):
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter, eps: float) -> None:
         super().__init__()
         self.weight, self.bias, self.eps = weight, bias, eps
+
+    def extra_repr(self) -> str:
+        return f"{len(self.weight)}, eps={self.eps}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape

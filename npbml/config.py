@@ -60,7 +60,8 @@ class OuterConfig:
     min_lr: float = 0.0
     loss_lr: float | None = None  # NPBML: the loss networks' outer lr (null: outer.lr); cosine-annealed alike
     # adapt a meta-batch's tasks as one vmapped computation (NPBML.forward_tasks) instead of task by task; MAML and
-    # Meta-SGD then run on the same functional inner loop as NPBML with its components off (README, "NPBML")
+    # Meta-SGD then run on the same functional inner loop as NPBML with its components off (README, "Episodic
+    # few-shot meta-training")
     vectorize_tasks: bool = False
 
 
@@ -147,7 +148,7 @@ class EpisodicConfig:
             raise ConfigError(f"inner.eval_steps = {self.inner.eval_steps} must be at least 1 (or null)")
         if self.method != "npbml" and (self.inner.momentum or self.inner.nesterov or self.inner.weight_decay):
             raise ConfigError(
-                f"method {self.method} adapts with learn2learn's plain SGD: set inner.momentum=0, "
+                f"method {self.method} adapts with plain SGD: set inner.momentum=0, "
                 "inner.nesterov=false and inner.weight_decay=0 (they are NPBML inner-loop options)"
             )
         if self.model.adapted_blocks is not None:

@@ -1,7 +1,8 @@
 """Meta-learners: one episode in, the query loss and accuracy after adaptation out.
 
-`L2LLearner` runs MAML / Meta-SGD through learn2learn (`clone()`, `adapt()`); `NPBML` is a
-functional inner loop (torch.func.functional_call over a dict of the adapted parameters) with
+`L2LLearner` runs MAML / Meta-SGD through learn2learn (`clone()`, `adapt()`; with `outer.vectorize_tasks` they
+run on `NPBML`'s inner loop instead, with only their own components on); `NPBML` is a functional inner loop
+(torch.func.functional_call over a dict of the adapted parameters) with
 the meta-learned initialisation, warp layers, learned inner learning rates, task-adaptive loss
 and FiLM each switchable; the backbone's trunk (the blocks the inner loop does not adapt) runs once
 per episode. Training unrolls with a graph (second order unless `first_order`);
@@ -157,8 +158,7 @@ class NPBML(nn.Module):
         is `torch.func.vmap` of `torch.func.grad` over the tasks; the update runs on the stacked parameters. The
         same values and meta-gradient as `forward` task by task, given the adapted blocks' vmap-safe batch norm
         (npbml/batch_norm.py); every task's graph is held at once until the backward pass."""
-        support_x, support_y, query_x, query_y = (torch.stack(field) for field in zip(*(
-            (e.support_x, e.support_y, e.query_x, e.query_y) for e in episodes), strict=True))
+        support_y, query_y = torch.stack([e.support_y for e in episodes]), torch.stack([e.query_y for e in episodes])
         features = EpisodeFeatures(*(torch.stack(field) for field in zip(*(self.features(e, train=True)
                                                                              for e in episodes), strict=True)))
         base = dict(self.backbone.named_parameters())
@@ -167,9 +167,8 @@ class NPBML(nn.Module):
             lambda ps, y, inner: self.inner_loss(dict(zip(self.names, ps, strict=True)), y, inner)))
         buffers: list[torch.Tensor] | None = None
         for _ in range(steps):
-            grads = list(task_grads(params, support_y, features.inner))
-            if self.inner.first_order:
-                grads = [g.detach() for g in grads]
+            with torch.set_grad_enabled(not self.inner.first_order):  # first order: no graph through the gradient
+                grads = list(task_grads(params, support_y, features.inner))
             params, buffers = self.inner_update(params, grads, buffers)
         logits = torch.func.vmap(self.logits)(dict(zip(self.names, params, strict=True)), features.query)
         return torch.func.vmap(query_result)(logits, query_y)

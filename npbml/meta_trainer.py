@@ -75,13 +75,14 @@ def meta_gradient(learner: nn.Module, params: list[torch.Tensor], episodes: list
     if vectorized:
         losses, accuracies = learner.forward_tasks(share, steps)
         (losses.sum() / len(episodes)).backward()
-        sums = torch.stack([losses.detach().sum(), accuracies.detach().sum()])
     else:
-        sums = torch.zeros(2, device=device)
+        results = []
         for episode in share:
             loss, accuracy = learner(episode, steps, train=True)
             (loss / len(episodes)).backward()
-            sums += torch.stack([loss.detach(), accuracy.detach().float()])
+            results.append(torch.stack([loss.detach(), accuracy.detach().to(loss.dtype)]))
+        losses, accuracies = torch.stack(results).unbind(dim=1)
+    sums = torch.stack([losses.detach().sum(), accuracies.detach().to(losses.dtype).sum()])
     grads = []
     for p in params:
         if p.grad is None:

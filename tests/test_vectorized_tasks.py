@@ -23,7 +23,7 @@ def config(method: str, vectorize: bool, **options) -> EpisodicConfig:
     npbml = method == "npbml"
     inner = {"steps": 2, "lr": 0.1, **({"momentum": 0.9, "nesterov": True, "weight_decay": 5e-4} if npbml else {})}
     return build_config(EpisodicConfig, {
-        "method": method, "model": {"filters": 8, "adapted_blocks": 2 if npbml else None},
+        "method": method, "model": {"filters": 8, "adapted_blocks": 2 if npbml else None, **options.pop("model", {})},
         "data": {"query": QUERY}, "inner": {**inner, **options.pop("inner", {})},
         "outer": {"vectorize_tasks": vectorize}, "components": options.pop("components", {}),
     })
@@ -38,12 +38,13 @@ def episodes(count: int) -> list[Episode]:
 
 
 def meta_gradients(cfg: EpisodicConfig, tasks: list[Episode]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the mean query loss and accuracy, the meta-gradient of each meta-parameter)."""
     torch.manual_seed(0)
     learner = build_learner(cfg, (1, 28, 28)).double()
     params = [p for p in learner.parameters() if p.requires_grad]
-    loss, _ = meta_gradient(learner, params, tasks, cfg.inner.steps, torch.device("cpu"),
-                            vectorized=cfg.outer.vectorize_tasks)
-    return loss, [p.grad for p in params]
+    loss, accuracy = meta_gradient(learner, params, tasks, cfg.inner.steps, torch.device("cpu"),
+                                   vectorized=cfg.outer.vectorize_tasks)
+    return torch.stack([loss, accuracy]), [p.grad for p in params]
 
 
 @pytest.mark.parametrize(("method", "options"), [
@@ -52,16 +53,39 @@ def meta_gradients(cfg: EpisodicConfig, tasks: list[Episode]) -> tuple[torch.Ten
     ("maml", {}),  # the vectorised functional learner against learn2learn's MAML
     ("metasgd", {}),
     ("maml", {"inner": {"first_order": True}}),
+    ("npbml", {"components": {"learn_init": False}}),  # the backbone fixed: its expanded parameters need no grad
+    ("npbml", {"model": {"adapted_blocks": 0}, "components": {"warp": False}}),  # only the head adapts
+    ("npbml", {"model": {"backbone": "resnet12", "filters": 4, "adapted_blocks": 1}}),  # shortcut norms adapted too
 ])
 def test_the_vectorised_meta_batch_has_the_per_task_loops_meta_gradient(method, options) -> None:
     tasks = episodes(3)
-    loop_loss, loop = meta_gradients(config(method, False, **dict(options)), tasks)
-    vmap_loss, vectorised = meta_gradients(config(method, True, **dict(options)), tasks)
+    loop_result, loop = meta_gradients(config(method, False, **dict(options)), tasks)
+    vmap_result, vectorised = meta_gradients(config(method, True, **dict(options)), tasks)
     assert len(loop) == len(vectorised)
-    torch.testing.assert_close(vmap_loss.float(), loop_loss)
+    torch.testing.assert_close(vmap_result, loop_result, rtol=1e-10, atol=1e-12)  # query loss and accuracy
     for a, b in zip(loop, vectorised, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-10)
     assert max(float(g.abs().max()) for g in loop) > 1e-3  # a gradient worth comparing
+
+
+def test_pytorchs_fused_batch_norm_still_needs_the_vmap_safe_one() -> None:
+    """The reason for npbml/batch_norm.py: under vmap, the fused kernel's second-order gradient through a norm whose
+    scale the inner loop adapts is wrong. When a PyTorch release fixes it this test fails: drop the swap then."""
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+
+    def query_loss(x: torch.Tensor) -> torch.Tensor:
+        def inner(scale: torch.Tensor) -> torch.Tensor:
+            z = torch.nn.functional.batch_norm(torch.nn.functional.conv2d(x, weight, padding=1), None, None, scale,
+                                               training=True)
+            return z.tanh().pow(2).mean()
+        return inner(scale - 0.1 * torch.func.grad(inner)(scale))  # one inner step on the norm's scale
+
+    (expected,) = torch.autograd.grad(query_loss(x), weight)
+    (vectorised,) = torch.autograd.grad(torch.func.vmap(query_loss)(x[None]).sum(), weight)
+    assert (vectorised - expected).abs().max() > 1e-6 * expected.abs().max()
 
 
 def test_the_vmap_safe_batch_norm_equals_pytorchs_and_shares_its_parameters() -> None:
@@ -90,5 +114,6 @@ def test_a_vectorised_run_of_train_py_ends_where_the_per_task_run_does(config_fi
         code, folder = run(config_file, tmp_path, shared_data, f"v{vectorize}", f"outer.vectorize_tasks={vectorize}")
         assert code == 0
         results[vectorize] = json.loads((folder / "results.json").read_text())
-    for key in ("test_accuracy", "best_val_accuracy", "iterations"):
-        assert results["true"][key] == pytest.approx(results["false"][key], abs=1e-6)
+    assert results["true"]["iterations"] == results["false"]["iterations"]
+    for key in ("test_accuracy", "best_val_accuracy"):  # float32 kernels differ: allow a few flipped predictions
+        assert results["true"][key] == pytest.approx(results["false"][key], abs=0.02)
