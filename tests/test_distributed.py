@@ -98,7 +98,7 @@ def _meta_gradient(method: str, vectorize: bool = False) -> dict[str, torch.Tens
     params = [p for p in learner.parameters() if p.requires_grad]
     loss, accuracy = meta_gradient(learner, params, _episodes(4), config.inner.steps, torch.device("cpu"),
                                    vectorized=vectorize)
-    return {"loss": torch.tensor(loss), "accuracy": torch.tensor(accuracy),  # gradients in parameter order (the
+    return {"loss": loss.clone(), "accuracy": accuracy.clone(),  # gradients in parameter order (the
             **{f"grad {index}": p.grad for index, p in enumerate(params)}}  # names differ for a vectorised MAML)
 
 
