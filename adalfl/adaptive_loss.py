@@ -43,7 +43,8 @@ class AdaptiveLoss:
 
     `form="residual"` (default) is the task loss plus a network whose output layer starts at zero;
     `"network"` is the network alone. `max_grad_ratio` bounds the step's output-gradient norm at that many
-    times the task loss's (None: unbounded); `meta_clip` clips the meta-gradient's norm; `amp` (e.g.
+    times the task loss's (None: unbounded), or with `grad_scale="match"` sets it to exactly that many times, so
+    that the learned loss adapts the step's direction only; `meta_clip` clips the meta-gradient's norm; `amp` (e.g.
     torch.bfloat16) autocasts the model's forward passes, the loss and its meta-gradient staying in float32.
     """
 
@@ -59,9 +60,15 @@ class AdaptiveLoss:
         max_grad_ratio: float | None = 2.0,
         meta_clip: float | None = None,
         amp: torch.dtype | None = None,
+        grad_scale: Literal["bound", "match"] = "bound",
     ) -> None:
         if task not in ("classification", "regression"):
             raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+        if grad_scale not in ("bound", "match"):
+            raise ValueError(f"grad_scale must be 'bound' or 'match', got {grad_scale!r}")
+        if grad_scale == "match" and max_grad_ratio is None:
+            raise ValueError("grad_scale='match' sets the step's scale to max_grad_ratio times the task loss's: "
+                             "give max_grad_ratio (1.0 keeps the task loss's scale)")
         self.loss = OutputWiseLoss(
             hidden, beta, gamma, prediction="softmax" if task == "classification" else "identity",
             residual=form == "residual", num_outputs=num_outputs,
@@ -69,6 +76,7 @@ class AdaptiveLoss:
         self.task_loss = F.cross_entropy if task == "classification" else regression_loss
         self.meta_optimizer = torch.optim.Adam(self.loss.parameters(), lr=meta_lr)
         self.max_grad_ratio, self.meta_clip, self.amp = max_grad_ratio, meta_clip, amp
+        self.match_scale = grad_scale == "match"
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The learned loss's value (differentiable in the outputs)."""
@@ -86,7 +94,8 @@ class AdaptiveLoss:
         the loss from `meta_batch` (default: `batch`). Without `adapt` the loss stays frozen (ML3's phase 2)."""
         meta = (self.loss, self.meta_optimizer, meta_batch if meta_batch is not None else batch) if adapt else None
         return online_step(model, self.loss, optimizer, batch, self.task_loss, meta=meta,
-                           max_grad_ratio=self.max_grad_ratio, meta_clip=self.meta_clip, amp=self.amp)
+                           max_grad_ratio=self.max_grad_ratio, meta_clip=self.meta_clip, amp=self.amp,
+                           match_scale=self.match_scale)
 
     def state_dict(self) -> dict[str, Any]:
         return {"loss": self.loss.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict()}

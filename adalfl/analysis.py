@@ -45,10 +45,12 @@ def argmin_prediction(shape: dict[str, list[float]], target: str = "y=1") -> flo
 
 
 def gradient_norm_ratio(
-    model: nn.Module, loss: LossFn, reference: LossFn, batch: Batch, max_grad_ratio: float | None = None
+    model: nn.Module, loss: LossFn, reference: LossFn, batch: Batch, max_grad_ratio: float | None = None,
+    match_scale: bool = False,
 ) -> float:
     """||grad_theta loss|| / ||grad_theta reference|| on `batch` at the model's current parameters, for the
-    step as taken: with `max_grad_ratio`, the loss's gradient scaled by the bound online_step applies.
+    step as taken: with `max_grad_ratio`, the loss's gradient scaled by the bound online_step applies (or set to
+    the ratio, with `match_scale`).
 
     One extra forward and a few backward passes; the model's .grad, batch-norm running statistics and the
     global random state (dropout) are left as they were, so a run with readouts trains exactly as one without.
@@ -62,7 +64,8 @@ def gradient_norm_ratio(
     output_grads = [torch.autograd.grad(fn(leaf, targets), leaf)[0] for fn in (loss, reference)]
     scale = 1.0
     if max_grad_ratio is not None:
-        scale = min(1.0, max_grad_ratio * output_grads[1].norm().item() / max(output_grads[0].norm().item(), 1e-30))
+        scale = max_grad_ratio * output_grads[1].norm().item() / max(output_grads[0].norm().item(), 1e-30)
+        scale = scale if match_scale else min(1.0, scale)
     norms = []
     for grad in output_grads:
         grads = torch.autograd.grad(outputs, params, grad, retain_graph=True)

@@ -114,6 +114,8 @@ class MetaConfig:
     batch_source: Literal["validation", "train", "same"] = "same"
     loss_form: Literal["network", "residual"] = "residual"  # residual: task loss + network starting at zero
     max_grad_ratio: float | None = 2.0  # bound on the step's output-gradient norm over the task loss's
+    # bound: the step's output-gradient norm is at most max_grad_ratio times the task loss's; match: exactly that
+    grad_scale: Literal["bound", "match"] = "bound"
     clip_grad_norm: float | None = None  # clip the meta-gradient's norm
 
     def __post_init__(self) -> None:
@@ -123,6 +125,9 @@ class MetaConfig:
         for key in ("max_grad_ratio", "clip_grad_norm"):
             value = getattr(self, key)
             require(value is None or value > 0, f"meta.{key} = {value} must be positive (or null for none)")
+        require(self.grad_scale == "bound" or self.max_grad_ratio is not None,
+                "meta.grad_scale = match sets the step's scale to meta.max_grad_ratio times the task loss's: "
+                "set meta.max_grad_ratio (1.0 keeps the task loss's scale)")
 
 
 @dataclass

@@ -17,7 +17,8 @@ With `max_grad_ratio = r` the step's output gradient g = dM_phi/dz is bounded in
 loss's: it becomes s * g with s = min(1, r * |dL_task/dz| / |g|) (norms over the batch's outputs), so
 the learned loss may steepen the step at most r times beyond the task loss's while its shape adapts
 freely. s depends on phi through |g|, and the meta-gradient differentiates through it: it is the exact
-one-step meta-gradient of the bounded step.
+one-step meta-gradient of the bounded step. With `match_scale` the step's scale is r times the task loss's
+exactly (s = r * |dL_task/dz| / |g|, not capped at 1): the learned loss then sets only the step's direction.
 
 With `amp` (e.g. torch.bfloat16) the model's two forward passes (the step's and the meta loss's) run under
 autocast; the loss network, the bound and the forward-mode product stay in float32.
@@ -126,11 +127,12 @@ def online_step(
     max_grad_ratio: float | None = None,
     meta_clip: float | None = None,
     amp: torch.dtype | None = None,
+    match_scale: bool = False,
 ) -> StepStats:
     """Step `model` with `loss_fn` on `batch`; with `meta = (loss_net, meta_optimizer, meta_batch)`
     also update the loss network by the one-step meta-gradient of `task_loss` on `meta_batch`, its norm
-    clipped to `meta_clip` when given. `max_grad_ratio` bounds the step's scale, `amp` autocasts the model's
-    forward passes (module docstring)."""
+    clipped to `meta_clip` when given. `max_grad_ratio` bounds the step's scale (sets it, with `match_scale`),
+    `amp` autocasts the model's forward passes (module docstring)."""
     inputs, targets = batch
     device = inputs.device
     autocast = functools.partial(torch.autocast, device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
@@ -140,6 +142,9 @@ def online_step(
     rng_before = capture_rng(device) if meta else None
     if meta is not None:
         check_supported(optimizer)
+    if match_scale and max_grad_ratio is None:
+        raise ValueError("match_scale sets the step's scale to max_grad_ratio times the task loss's: "
+                         "give max_grad_ratio")
 
     with autocast():
         outputs = model(inputs)
@@ -156,7 +161,7 @@ def online_step(
         (dtask_doutputs,) = torch.autograd.grad(batch_task_loss, outputs_leaf)
         squares = differentiable_sum(torch.stack([dtask_doutputs.pow(2).sum(), dloss_doutputs.pow(2).sum()]))
         bound = max_grad_ratio * squares[0].sqrt() / squares[1].sqrt().clamp_min(1e-30)
-        dloss_doutputs = dloss_doutputs * bound.clamp(max=1.0)
+        dloss_doutputs = dloss_doutputs * (bound if match_scale else bound.clamp(max=1.0))
         batch_task_loss = batch_task_loss.detach()
 
     optimizer.zero_grad(set_to_none=True)

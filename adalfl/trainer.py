@@ -101,7 +101,7 @@ class SingleTaskTrainer:
                 self.task.num_outputs, self.task.kind, hidden=config.loss_network.hidden,
                 beta=config.loss_network.beta, gamma=config.loss_network.gamma, form=config.meta.loss_form,
                 meta_lr=config.meta.lr, max_grad_ratio=config.meta.max_grad_ratio, meta_clip=config.meta.clip_grad_norm,
-                amp=self.amp,
+                amp=self.amp, grad_scale=config.meta.grad_scale,
             ).to(self.device)
             self.loss_net = self.adaptive.loss
         self.search: TaylorGLOSearch | EvoMALSearch | None = None
@@ -320,7 +320,8 @@ class SingleTaskTrainer:
         record = {
             "step": step,
             "grad_norm_ratio": gradient_norm_ratio(model, self.loss_net, self.task_loss, batch,
-                                                   self.adaptive.max_grad_ratio if self.adaptive else None),
+                                                   self.adaptive.max_grad_ratio if self.adaptive else None,
+                                                   self.adaptive.match_scale if self.adaptive else False),
             "argmin_p_y1": argmin_prediction(loss_shape(self.loss_net)),
         }
         if self.metric == "error":
@@ -592,7 +593,8 @@ class SingleTaskTrainer:
         if self.learns_loss:
             meta = cfg.meta
             values |= {"meta_lr": meta.lr, "init_steps": meta.init_steps, "loss_form": meta.loss_form,
-                       "batch_source": meta.batch_source, "max_grad_ratio": meta.max_grad_ratio}
+                       "batch_source": meta.batch_source, "max_grad_ratio": meta.max_grad_ratio,
+                       "grad_scale": meta.grad_scale}
         return values
 
     def results(self) -> dict[str, Any]:

@@ -63,14 +63,16 @@ def analytic_meta_gradient(model, loss_net, optimizer, batch, meta_batch, **opti
 
 
 @pytest.mark.parametrize(
-    ("nesterov", "dropout", "residual", "max_grad_ratio"),
-    [(True, 0.0, False, None), (False, 0.0, False, None), (True, 0.3, False, None), (False, 0.3, False, None),
-     (True, 0.0, True, None), (True, 0.3, True, 0.5), (False, 0.0, False, 0.5)],
+    ("nesterov", "dropout", "residual", "max_grad_ratio", "match_scale"),
+    [(True, 0.0, False, None, False), (False, 0.0, False, None, False), (True, 0.3, False, None, False),
+     (False, 0.3, False, None, False), (True, 0.0, True, None, False), (True, 0.3, True, 0.5, False),
+     (False, 0.0, False, 0.5, False), (True, 0.3, True, 1.0, True), (False, 0.0, False, 3.0, True)],
 )
-def test_meta_gradient_matches_finite_differences(nesterov, dropout, residual, max_grad_ratio) -> None:
-    """Also for the residual form and for a step whose scale bound is active (ratio 0.5 < the loss's)."""
+def test_meta_gradient_matches_finite_differences(nesterov, dropout, residual, max_grad_ratio, match_scale) -> None:
+    """Also for the residual form, for a step whose scale bound is active (ratio 0.5 < the loss's) and for a
+    step whose scale is set to the ratio (`match_scale`, above and below the loss's own)."""
     model, loss_net, optimizer, batch, meta_batch = tiny_setup(nesterov, dropout, residual)
-    options = {"max_grad_ratio": max_grad_ratio}
+    options = {"max_grad_ratio": max_grad_ratio, "match_scale": match_scale}
     grads = analytic_meta_gradient(model, loss_net, optimizer, batch, meta_batch, **options)
     direction = [torch.randn_like(g) for g in grads]
     eps = 1e-5
@@ -137,6 +139,28 @@ def test_the_scale_bound_caps_the_step_at_the_ratio_times_the_task_loss() -> Non
         torch.testing.assert_close(bounded, expected)
     for unbounded, expected in zip(params_after(5.0, 8.0), params_after(5.0, None), strict=True):
         torch.testing.assert_close(unbounded, expected)
+
+
+def test_a_matched_scale_sets_the_step_to_the_ratio_times_the_task_loss() -> None:
+    """With `match_scale` a loss 0.3x or 5x cross-entropy steps exactly like 2x cross-entropy at ratio 2."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5, dtype=torch.double), torch.randint(0, 3, (16,))
+
+    def params_after(scale: float, **options) -> list[torch.Tensor]:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        for _ in range(3):
+            online_step(model, lambda o, t: scale * F.cross_entropy(o, t), optimizer, (x, y), F.cross_entropy,
+                        **options)
+        return [p.detach() for p in model.parameters()]
+
+    expected = params_after(2.0)
+    for scale in (0.3, 5.0):
+        for matched, reference in zip(params_after(scale, max_grad_ratio=2.0, match_scale=True), expected, strict=True):
+            torch.testing.assert_close(matched, reference)
+    with pytest.raises(ValueError, match="give max_grad_ratio"):
+        params_after(1.0, match_scale=True)
 
 
 def test_meta_gradient_clipping_bounds_the_loss_network_update() -> None:
