@@ -29,6 +29,9 @@ def test_gradient_norm_ratio_measures_the_loss_scale_and_leaves_the_model_untouc
     # the step as taken: the scale bound of online_step applies
     assert gradient_norm_ratio(model, double_ce, F.cross_entropy, batch, 1.5) == pytest.approx(1.5, rel=1e-6)
     assert gradient_norm_ratio(model, double_ce, F.cross_entropy, batch, 3.0) == pytest.approx(2.0, rel=1e-6)
+    # a matched scale is the ratio itself, above or below the loss's own
+    assert gradient_norm_ratio(model, double_ce, F.cross_entropy, batch, 3.0, True) == pytest.approx(3.0, rel=1e-6)
+    assert gradient_norm_ratio(model, double_ce, F.cross_entropy, batch, 1.0, True) == pytest.approx(1.0, rel=1e-6)
     assert torch.equal(model[1].running_mean, running) and torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())
 
@@ -40,9 +43,11 @@ def test_argmin_of_the_loss_shape_is_where_the_loss_for_y1_is_lowest() -> None:
     assert argmin_prediction({"prediction": [0.0, 0.5, 1.0], "y=1": [3.0, 2.0, 1.0]}) == 1.0
 
 
-@pytest.mark.parametrize("method", ["adalfl", "ml3"])
+@pytest.mark.parametrize("method", ["adalfl", "ml3", "adalfl,meta.grad_scale=match"])
 def test_learned_loss_runs_log_the_readouts_at_the_scalar_cadence(tmp_path, shared_data, method) -> None:
+    method, *settings = method.split(",")
     args = [*QUICK, "--set", f"method={method}", "--set", "model.name=linear"]
+    args += [a for setting in settings for a in ("--set", setting)]
     assert run_train(tmp_path, shared_data, "adalfl_california", "run", *args) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [r["step"] for r in results["readouts"]] == [4, 8, 12, 16, 20, 24]

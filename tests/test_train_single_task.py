@@ -120,11 +120,18 @@ def expect_error(capsys, code: int, *fragments: str) -> None:
         ("model.name=resnet19", ["resnet19", "resnet18", "lenet5"]),
         ("data.dataset=cifar11", ["cifar11", "cifar10", "mnist"]),
         ("meta.batch_source=test", ["meta.batch_source", "validation"]),
+        ("meta.grad_scale=exact", ["meta.grad_scale", "match"]),
         ("method=mse", ["regression", "use ce"]),
     ],
 )
 def test_bad_config_values_get_one_clear_message(tmp_path, shared_data, capsys, override, fragments) -> None:
     expect_error(capsys, run_train(tmp_path, shared_data, "ce_mnist", "bad", *QUICK, "--set", override), *fragments)
+
+
+def test_a_matched_scale_without_a_ratio_is_refused(tmp_path, shared_data, capsys) -> None:
+    code = run_train(tmp_path, shared_data, "adalfl_mnist", "bad", *QUICK, "--set", "meta.grad_scale=match",
+                     "--set", "meta.max_grad_ratio=null")
+    expect_error(capsys, code, "meta.grad_scale = match", "set meta.max_grad_ratio")
 
 
 def test_missing_config_file_and_data_are_named(tmp_path, capsys) -> None:
