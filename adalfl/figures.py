@@ -4,6 +4,7 @@ confidence intervals for episodic (NPBML) grids. Each function writes one PNG.""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,14 @@ def _save(figure: Figure, path: Path) -> Path:
 
 
 def label_colours(labels: Sequence[str]) -> dict[str, str]:
-    """A method's own colour where it has one; every other label a distinct colour none of those use."""
+    """A method's own colour where it has one; every other label a distinct colour none of those use (for up
+    to 53 such labels; beyond that the extra palette repeats)."""
     reserved = set(COLOURS.values())
     spare = iter(c for c in (f"tab:{n}" for n in ("gray", "olive", "cyan", "brown", "red", "purple", "orange",
                                                     "pink", "blue", "green")) if c not in reserved)
-    spare_more = iter(plt.get_cmap("tab20").colors[1::2])  # the light shades, distinct from the methods'
+    # the light shades of tab20, distinct from the methods', then tab20b and tab20c
+    spare_more = itertools.cycle([*plt.get_cmap("tab20").colors[1::2], *plt.get_cmap("tab20b").colors,
+                                  *plt.get_cmap("tab20c").colors])
     return {label: COLOURS.get(label) or next(spare, None) or next(spare_more) for label in labels}
 
 

@@ -152,3 +152,5 @@ def test_every_label_of_a_figure_gets_its_own_colour() -> None:
     labels = ["ce", "adalfl", "ml3", *(f"ce@optimizer.lr={v}" for v in (0.01, 0.03, 0.1, 0.3)), "a", "b", "c"]
     colours = label_colours(labels)
     assert colours["adalfl"] == COLOURS["adalfl"] and len(set(map(str, colours.values()))) == len(labels)
+    many = [f"variant{i}" for i in range(60)]  # more labels than distinct colours: still one colour each
+    assert len(set(map(str, label_colours(many).values()))) == 53 and set(label_colours(many)) == set(many)
