@@ -5,6 +5,7 @@
     python compare.py --config configs/adalfl_mnist.yaml --methods ce adalfl --seeds 0 1 2 \\
         --sweep optimizer.lr=0.01,0.03,0.1,0.3 --out runs/grid_mnist_tuned --jobs 2
     python compare.py --out runs/grid_mnist --summary-only      # tables and figures of finished cells
+    python compare.py --out runs/grid_mnist --summary-only --labels ce adalfl   # of some labels, in <out>/selection/
 
 Each cell is the run folder <out>/<label>-seed<k>, made with `--set method=<method> --set seed=<k>` on top
 of the base config and the --set overrides. A cell with results.json is skipped, one with a checkpoint but
@@ -73,11 +74,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process")
     parser.add_argument("--data-root", help="folder holding the data sets (as for train.py)")
     parser.add_argument("--summary-only", action="store_true", help="run nothing; summarise the cells in --out")
+    parser.add_argument("--labels", nargs="+", help="with --summary-only: summarise only these labels, in this "
+                        "order, into <out>/selection/ (the grid's own summary is left as it is)")
     args = parser.parse_args(argv)
     if not args.summary_only and (args.config is None or not args.methods):
         parser.error("give --config and --methods to run a grid, or --summary-only to summarise one")
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs} must be at least 1")
+    if args.labels and not args.summary_only:
+        parser.error("--labels selects what --summary-only summarises; add --summary-only")
     if args.sweep is not None:
         key, _, values = args.sweep.partition("=")
         if not key or not values:
@@ -211,10 +216,10 @@ def summary_rows(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> list[d
     return rows
 
 
-def write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
-    """summary.csv and summary.md; the latter also names the cells that have no results (diverged, stopped
-    or still running), which the means leave out."""
-    with (out / "summary.csv").open("w", newline="") as f:
+def write_summary(out: Path, rows: list[dict[str, Any]], target: Path) -> None:
+    """summary.csv and summary.md of grid `out`'s `rows` in `target`; the latter also names the cells of those
+    labels that have no results (diverged, stopped or still running), which the means leave out."""
+    with (target / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -228,10 +233,12 @@ def write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         ci = f"+- {r['ci95']:.4f}" if r["ci95"] is not None else ""
         lines.append(f"| {r['method']} | {r['metric']} | {r['n']} | {r['mean']:.4f} | {r['std']:.4f} | {ci} |")
-    unfinished = sorted(p.name for p in out.glob("*-seed*") if p.is_dir() and not (p / "results.json").exists())
+    labels = {r["method"] for r in rows}
+    unfinished = sorted(p.name for p in out.glob("*-seed*") if p.is_dir() and not (p / "results.json").exists()
+                        and (target == out or p.name.rsplit("-seed", 1)[0] in labels))
     if unfinished:
         lines.append(f"\nCells without results (diverged, stopped or running): {', '.join(unfinished)}")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    (target / "summary.md").write_text("\n".join(lines) + "\n")
 
 
 def write_figures(out: Path, groups: dict[str, list[tuple[Path, dict[str, Any]]]],
@@ -262,16 +269,25 @@ def write_figures(out: Path, groups: dict[str, list[tuple[Path, dict[str, Any]]]
     return written
 
 
-def summarise(out: Path) -> list[dict[str, Any]]:
-    """summary.csv, summary.md and the figures of every finished cell in `out`; returns the summary rows."""
+def summarise(out: Path, labels: list[str] | None = None) -> list[dict[str, Any]]:
+    """summary.csv, summary.md and the figures of every finished cell in `out` (or, given `labels`, of those
+    labels' cells, in <out>/selection/); returns the summary rows."""
     groups = load_results(out)
     if not groups:
         raise FileNotFoundError(f"no finished cells (<method>-seed<k>/results.json) in {out}")
+    target = out
+    if labels:
+        missing = [label for label in labels if label not in groups]
+        if missing:
+            raise FileNotFoundError(f"no finished cells of {', '.join(missing)} in {out}; its labels: "
+                                    f"{', '.join(groups)}")
+        groups, target = {label: groups[label] for label in labels}, out / "selection"
+        target.mkdir(exist_ok=True)
     rows = summary_rows(groups)
-    write_summary(out, rows)
-    for path in write_figures(out, groups, rows):
+    write_summary(out, rows, target)
+    for path in write_figures(target, groups, rows):
         print(f"[grid] wrote {path}")
-    print((out / "summary.md").read_text())
+    print((target / "summary.md").read_text())
     return rows
 
 
@@ -303,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         failed += [cell.run_dir(args.out).path.name for cell, code in done if code != 0]
     try:
-        summarise(args.out)
+        summarise(args.out, args.labels)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

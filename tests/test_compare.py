@@ -89,6 +89,23 @@ def test_accuracy_results_get_confidence_intervals_and_a_bar_chart(tmp_path) -> 
     assert (tmp_path / "accuracy.png").stat().st_size > 1_000
 
 
+def test_a_selection_of_labels_is_summarised_apart(tmp_path, capsys) -> None:
+    cells = {"npbml-seed0": 0.60, "maml-seed0": 0.50, "metasgd-seed0": 0.55}
+    for name, accuracy in cells.items():
+        (tmp_path / name).mkdir()
+        results = {"method": name.split("-")[0], "seed": 0, "test_accuracy": accuracy, "test_ci95": 0.01}
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    (tmp_path / "maml-seed1").mkdir()  # unfinished
+    assert compare.main(["--out", str(tmp_path), "--summary-only", "--labels", "npbml", "maml"]) == 0
+    assert list(read_summary(tmp_path / "selection")) == ["npbml", "maml"]
+    assert "maml-seed1" in (tmp_path / "selection" / "summary.md").read_text()
+    assert not (tmp_path / "summary.csv").exists()  # the grid's own summary is not touched
+    expect_error(capsys, compare.main(["--out", str(tmp_path), "--summary-only", "--labels", "mam"]),
+                 "no finished cells of mam", "maml")
+    with pytest.raises(SystemExit):
+        compare.main(["--out", str(tmp_path), "--labels", "maml"])
+
+
 def test_labelled_configs_and_empty_grids(tmp_path, capsys) -> None:
     cells = compare.grid_cells(Path("base.yaml"), ["ce", "abl=configs/other.yaml"], [0, 1])
     assert [(c.label, c.seed, str(c.config), c.own_config) for c in cells] == [
