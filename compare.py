@@ -244,19 +244,21 @@ def write_summary(out: Path, rows: list[dict[str, Any]], target: Path) -> None:
 def write_figures(out: Path, groups: dict[str, list[tuple[Path, dict[str, Any]]]],
                   rows: list[dict[str, Any]]) -> list[Path]:
     written = []
+    colours = figures.label_colours(list(groups))  # one colour per label in every figure
     histories = {label: [r["history"] for _, r in cells] for label, cells in groups.items()
                  if all(r.get("history") for _, r in cells)}
     if histories:
         metric = final_metric(next(iter(groups.values()))[0][1]).removeprefix("test_")
-        written.append(figures.learning_curves(histories, metric, out / "learning_curves.png"))
+        written.append(figures.learning_curves(histories, metric, out / "learning_curves.png", colours))
     readouts = {label: [r["readouts"] for _, r in cells] for label, cells in groups.items()
                 if all(r.get("readouts") for _, r in cells)}
     if readouts:
-        written.append(figures.readout_curves(readouts, out / "readouts.png"))
+        written.append(figures.readout_curves(readouts, out / "readouts.png", colours=colours))
     init_readouts = {label: [r["init_readouts"] for _, r in cells] for label, cells in groups.items()
                      if all(r.get("init_readouts") for _, r in cells)}
     if init_readouts:  # phase 1: at the phase-2 initialisation, against offline meta steps
-        written.append(figures.readout_curves(init_readouts, out / "init_readouts.png", "offline meta steps"))
+        written.append(figures.readout_curves(init_readouts, out / "init_readouts.png", "offline meta steps",
+                                                      colours))
     for label, cells in groups.items():
         shapes = cells[0][0] / "loss_shapes.json"
         if shapes.is_file():

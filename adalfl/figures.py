@@ -54,8 +54,9 @@ def label_colours(labels: Sequence[str]) -> dict[str, str]:
     return {label: COLOURS.get(label) or next(spare, None) or next(spare_more) for label in labels}
 
 
-def _bands(axis: Any, runs_by_label: Mapping[str, Sequence[Series]], key: str, log: bool = False) -> None:
-    colours = label_colours(list(runs_by_label))
+def _bands(axis: Any, runs_by_label: Mapping[str, Sequence[Series]], key: str, log: bool = False,
+           colours: Mapping[str, str] | None = None) -> None:
+    colours = colours or label_colours(list(runs_by_label))
     for label, runs in runs_by_label.items():
         steps, centre, lower, upper = mean_band(runs, key, log)
         if len(steps) == 0:
@@ -64,11 +65,13 @@ def _bands(axis: Any, runs_by_label: Mapping[str, Sequence[Series]], key: str, l
         axis.fill_between(steps, lower, upper, color=line.get_color(), alpha=0.2)
 
 
-def learning_curves(histories: Mapping[str, Sequence[Series]], metric: str, path: Path) -> Path:
-    """Validation and test `metric` against gradient steps, mean over seeds with a +-1 std band."""
+def learning_curves(histories: Mapping[str, Sequence[Series]], metric: str, path: Path,
+                    colours: Mapping[str, str] | None = None) -> Path:
+    """Validation and test `metric` against gradient steps, mean over seeds with a +-1 std band; `colours`
+    (label -> colour, by default label_colours') keeps a label's colour the same across a grid's figures."""
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for axis, split in zip(axes, ("val", "test"), strict=True):
-        _bands(axis, histories, f"{split}_{metric}")
+        _bands(axis, histories, f"{split}_{metric}", colours=colours)
         axis.set_xlabel("gradient steps")
         axis.set_ylabel(f"{split} {metric}")
         axis.set_title(f"{split} {metric} (mean +- std over seeds)")
@@ -78,17 +81,18 @@ def learning_curves(histories: Mapping[str, Sequence[Series]], metric: str, path
     return _save(figure, path)
 
 
-def readout_curves(readouts: Mapping[str, Sequence[Series]], path: Path, steps: str = "gradient steps") -> Path:
+def readout_curves(readouts: Mapping[str, Sequence[Series]], path: Path, steps: str = "gradient steps",
+                   colours: Mapping[str, str] | None = None) -> Path:
     """The gradient-norm ratio to the task loss (implicit learning-rate schedule; geometric mean and std),
     argmin_p l(1, p) (adaptive label smoothing) and, for classification, the model's mean confidence
-    (softmax saturation) against gradient steps, mean over seeds with a band."""
+    (softmax saturation) against gradient steps, mean over seeds with a band; `colours` as learning_curves'."""
     panels = [("grad_norm_ratio", "||grad learned loss|| / ||grad task loss||", "implicit learning-rate schedule"),
               ("argmin_p_y1", "argmin_p l(y=1, p)", "where l(1, p) is minimal")]
     if all("confidence" in r for runs in readouts.values() for run in runs for r in run):
         panels.append(("confidence", "mean max softmax probability", "confidence (saturation)"))
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
     for axis, (key, ylabel, title) in zip(axes, panels, strict=True):
-        _bands(axis, readouts, key, log=key == "grad_norm_ratio")
+        _bands(axis, readouts, key, log=key == "grad_norm_ratio", colours=colours)
         if key == "grad_norm_ratio":
             axis.set_yscale("log")
             axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
