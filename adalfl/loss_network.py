@@ -51,10 +51,9 @@ class LossMLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
         self.activations = nn.ModuleList(hidden_activation() for _ in hidden)
         self.output_activation = output_activation if output_activation is not None else nn.Identity()
-        if init_std is not None:
+        if init_std is not None:  # the weights only: the biases keep PyTorch's default
             for layer in self.layers:
                 nn.init.normal_(layer.weight, 0.0, init_std)
-                nn.init.zeros_(layer.bias)
         if zero_output:
             nn.init.zeros_(self.layers[-1].weight)
             nn.init.zeros_(self.layers[-1].bias)

@@ -74,9 +74,10 @@ class ComponentsConfig:
     learned_inner_lr: bool = False  # per-parameter inner learning rates (Meta-SGD) on top
     learned_loss: bool = True  # task-adaptive loss CE + L_S + L_Q + R
     film: bool = True  # FiLM in the adapted backbone blocks and the loss networks
-    # The loss networks' initialisation: "small" (every layer N(0, 0.01)) or "zero_output" (PyTorch's default
-    # init, output layer zero: each term starts at exactly 0 with an O(1) meta-gradient); README, "NPBML".
-    loss_init: Literal["small", "zero_output"] = "small"
+    # The loss networks' initialisation: "small" (the reference's: weights N(0, 0.01), biases PyTorch's default),
+    # "small_zero_bias" (zero biases too: the regulariser's ReLUs die early) or "zero_output" (PyTorch's default
+    # init, output layer zero); npbml/task_loss.py, README "NPBML".
+    loss_init: Literal["small", "small_zero_bias", "zero_output"] = "small"
 
 
 @dataclass

@@ -8,10 +8,17 @@
 - R (regulariser), per adapted parameter tensor: [mean, std, L1 norm / numel, L2 norm / sqrt(numel)]
   (the norms scaled by the tensor size, so tensors of any size give inputs of the same scale).
 
-Each network is AdaLFL's `LossMLP` (hidden 40, 40, ReLU; smooth leaky ReLU output, weights
-N(0, 0.01)) with FiLM on every layer, conditioned on the mean of that layer's input rows (the task).
-Each term is shifted by the output activation's value at zero, so with near-zero weights every
-term is ~0 and M starts as cross-entropy.
+Each network is AdaLFL's `LossMLP` (hidden 40, 40, ReLU; smooth leaky ReLU output) with FiLM on every layer,
+conditioned on the mean of that layer's input rows (the task). Initialisation (`init`):
+- "small", the reference's: weights N(0, 0.01), biases PyTorch's default U(+-1/sqrt(fan_in));
+- "small_zero_bias": the same weights, zero biases. Every hidden pre-activation then starts within ~1e-3 of
+  zero for all inputs, so a few outer Adam steps on the biases switch whole ReLU layers off for every input:
+  the regulariser's network (whose inputs vary least) died this way by meta-iteration ~250 of a 2,000-iteration
+  Omniglot run, after which R is a constant with no gradient (docs/results.md);
+- "zero_output": PyTorch's default init with a zero output layer.
+Each term is the network's output minus its output at a zero input row, a constant of the loss parameters that
+changes no gradient of the inner loop; so every term starts near 0, M starts as cross-entropy, and a term whose
+network no longer depends on its inputs (dead) reads exactly 0.
 """
 
 from __future__ import annotations
@@ -32,18 +39,24 @@ class FiLMLossMLP(LossMLP):
     def __init__(self, in_features: int, hidden: Sequence[int] = (40, 40), film: bool = True,
                  init: str = "small", beta: float = 5.0, gamma: float = 0.25) -> None:
         super().__init__(in_features, hidden, nn.ReLU, SmoothLeakyReLU(beta, gamma),
-                         init_std=0.01 if init == "small" else None, zero_output=init == "zero_output")
+                         init_std=None if init == "zero_output" else 0.01, zero_output=init == "zero_output")
+        if init == "small_zero_bias":
+            for layer in self.layers:
+                nn.init.zeros_(layer.bias)
         self.films = nn.ModuleList(FiLM(layer.in_features, layer.out_features) for layer in self.layers) \
             if film else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def network(self, x: torch.Tensor) -> torch.Tensor:
         activations = [*self.activations, self.output_activation]
         for index, (layer, activation) in enumerate(zip(self.layers, activations, strict=True)):
             z = layer(x)
             if self.films is not None:
                 z = self.films[index](z, x.mean(dim=0))
             x = activation(z)
-        return (x - self.output_activation(x.new_zeros(()))).squeeze(-1)
+        return x.squeeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x) - self.network(x.new_zeros(1, x.shape[-1]))
 
 
 def one_hot(labels: torch.Tensor, ways: int, dtype: torch.dtype) -> torch.Tensor:

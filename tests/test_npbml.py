@@ -47,7 +47,7 @@ def test_task_adaptive_loss_starts_as_cross_entropy() -> None:
     assert value.item() == pytest.approx(F.cross_entropy(logits, y).item(), abs=1e-3)
 
 
-@pytest.mark.parametrize("init", ["small", "zero_output"])
+@pytest.mark.parametrize("init", ["small", "small_zero_bias", "zero_output"])
 def test_the_learned_terms_start_at_zero_and_only_the_zero_output_init_has_a_usable_meta_gradient(init) -> None:
     """What reaches the inner loop is the terms' gradient in the logits; what the outer loop learns from is its
     derivative in the loss networks' parameters (the meta-gradient's path)."""
@@ -62,6 +62,31 @@ def test_the_learned_terms_start_at_zero_and_only_the_zero_output_init_has_a_usa
                                allow_unused=True)
     norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in meta if g is not None]))
     assert norm > 0.1 if init == "zero_output" else norm < 0.01
+
+
+def test_the_small_init_is_the_references_and_zero_biases_are_an_option() -> None:
+    """The reference's loss networks draw the weights from N(0, 0.01) and keep PyTorch's default biases."""
+    torch.manual_seed(0)
+    for init, zero_bias in (("small", False), ("small_zero_bias", True)):
+        for layer in TaskAdaptiveLoss(WAYS, init=init).regulariser_net.layers:
+            assert layer.weight.std().item() == pytest.approx(0.01, rel=0.5)
+            bound = 1 / math.sqrt(layer.in_features)
+            assert (layer.bias == 0).all() if zero_bias else (layer.bias.abs().max() > 0.2 * bound)
+            assert layer.bias.abs().max() <= bound
+
+
+def test_a_term_whose_network_is_dead_reads_zero() -> None:
+    """A network whose ReLUs are off for every input is a constant: the term reads 0 and passes no gradient."""
+    torch.manual_seed(0)
+    loss = TaskAdaptiveLoss(WAYS)
+    with torch.no_grad():
+        loss.regulariser_net.layers[1].bias.fill_(-10.0)
+    params = [torch.randn(8, 4, 3, 3, requires_grad=True), torch.ones(8, requires_grad=True)]
+    terms = loss.terms(3 * torch.randn(10, WAYS), torch.arange(10) % WAYS, 3 * torch.randn(15, WAYS), params)
+    assert terms["regulariser"].item() == 0.0
+    grads = torch.autograd.grad(terms["regulariser"], params, allow_unused=True)
+    assert all(g is None or (g == 0).all() for g in grads)
+    assert terms["support"].item() != 0.0
 
 
 def test_parameter_statistics_match_per_tensor_reductions_to_second_order() -> None:
