@@ -176,17 +176,21 @@ class NPBML(nn.Module):
     def inner_lrs(self) -> torch.Tensor | None:
         return None if self.lrs is None else torch.cat([lr.detach().reshape(-1) for lr in self.lrs])
 
-    @torch.no_grad()
-    def loss_terms(self, episode: Episode) -> dict[str, float]:
-        """The task-adaptive loss's terms (CE, L_S, L_Q, R) at the initialisation on `episode`: how far the learned
-        terms have moved from zero, for TensorBoard."""
+    def loss_terms(self, episode: Episode) -> dict[str, dict[str, float]]:
+        """The task-adaptive loss's terms (CE, L_S, L_Q, R) at the initialisation on `episode`, for TensorBoard:
+        {"value": each term, "grad_norm": the norm of its gradient in the adapted parameters (what the inner loop
+        feels of it)}."""
         features = self.features(episode, train=False)
         base = dict(self.backbone.named_parameters())
         params = {n: base[n] for n in self.names}
         logits = self.logits(params, features.inner)
         support = len(episode.support_y)
         terms = self.loss.terms(logits[:support], episode.support_y, logits[support:], list(params.values()))
-        return dict(zip(terms, torch.stack(list(terms.values())).tolist(), strict=True))
+        norms = [torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            term, list(params.values()), retain_graph=True, allow_unused=True, materialize_grads=True)]))
+            for term in terms.values()]
+        return {"value": dict(zip(terms, torch.stack(list(terms.values())).tolist(), strict=True)),
+                "grad_norm": dict(zip(terms, torch.stack(norms).tolist(), strict=True))}
 
     def loss_meta_gradient_norms(self) -> dict[str, float]:
         """The norm of the current meta-gradient of each learned term's network (after a backward)."""

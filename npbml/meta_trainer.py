@@ -261,13 +261,15 @@ def _log_train(writer: EventWriter, learner: nn.Module, iteration: int, loss: fl
 
 
 def _log_loss_terms(writer: EventWriter, learner: nn.Module, episode: Episode, iteration: int) -> None:
-    """Does the task-adaptive loss learn? Each learned term's size relative to CE at the initialisation, and the
-    meta-gradient norm of its network."""
+    """Does the task-adaptive loss learn? Each learned term's size and its gradient's size in the adapted parameters,
+    relative to CE's, at the initialisation, and the meta-gradient norm of its network."""
     if getattr(learner, "loss", None) is None:
         return
     terms = learner.loss_terms(episode)
     for name in ("support", "query", "regulariser"):
-        writer.add_scalar(f"learned_loss/{name}_over_ce", abs(terms[name]) / max(terms["ce"], 1e-12), iteration)
+        for kind, suffix in (("value", "over_ce"), ("grad_norm", "grad_over_ce")):
+            ratio = abs(terms[kind][name]) / max(terms[kind]["ce"], 1e-12)
+            writer.add_scalar(f"learned_loss/{name}_{suffix}", ratio, iteration)
     for name, norm in learner.loss_meta_gradient_norms().items():
         writer.add_scalar(f"learned_loss/{name}_meta_grad_norm", norm, iteration)
 

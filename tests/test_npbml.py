@@ -89,6 +89,19 @@ def test_a_term_whose_network_is_dead_reads_zero() -> None:
     assert terms["support"].item() != 0.0
 
 
+def test_the_logged_terms_show_a_dead_regulariser_as_zero_in_value_and_gradient() -> None:
+    torch.manual_seed(0)
+    learner = build_learner(config(), (1, 28, 28))
+    terms = learner.loss_terms(episode())
+    assert set(terms["value"]) == set(terms["grad_norm"]) == {"ce", "support", "query", "regulariser"}
+    assert terms["grad_norm"]["ce"] > 0 and terms["grad_norm"]["regulariser"] > 0
+    with torch.no_grad():
+        learner.loss.regulariser_net.layers[1].bias.fill_(-10.0)
+    dead = learner.loss_terms(episode())
+    assert dead["value"]["regulariser"] == 0.0 and dead["grad_norm"]["regulariser"] == 0.0
+    assert dead["grad_norm"]["ce"] == pytest.approx(terms["grad_norm"]["ce"])
+
+
 def test_parameter_statistics_match_per_tensor_reductions_to_second_order() -> None:
     torch.manual_seed(0)
     # an all-zero tensor (BN biases at init) included; a constant non-zero one is left out: there the std's
