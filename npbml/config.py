@@ -78,6 +78,9 @@ class ComponentsConfig:
     # "small_zero_bias" (zero biases too: the regulariser's ReLUs die early) or "zero_output" (PyTorch's default
     # init, output layer zero); npbml/task_loss.py, README "NPBML".
     loss_init: Literal["small", "small_zero_bias", "zero_output"] = "small"
+    # The head starts every task at zero instead of at a meta-learned initialisation: the reference's
+    # permutation-invariant head (its shared starting row is never updated there), README "NPBML".
+    reset_head: bool = False
 
 
 @dataclass

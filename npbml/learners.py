@@ -69,15 +69,24 @@ class NPBML(nn.Module):
         self.backbone = backbone
         self.names = adapted_names(backbone)
         params = dict(backbone.named_parameters())
-        if not self.components.learn_init:
-            for name, param in params.items():
-                if not is_meta_only(name):
-                    param.requires_grad_(False)
+        for name, param in params.items():
+            if (not self.components.learn_init and not is_meta_only(name)) or self.resets(name):
+                param.requires_grad_(False)
         self.loss = TaskAdaptiveLoss(config.data.ways, self.components.film, init=self.components.loss_init) \
             if self.components.learned_loss else None
         self.lrs = nn.ParameterList(
             nn.Parameter(torch.full_like(params[n], self.inner.lr)) for n in self.names
         ) if self.components.learned_inner_lr else None
+
+    def resets(self, name: str) -> bool:
+        """Whether parameter `name` starts every task at zero (the head, with `components.reset_head`)."""
+        return self.components.reset_head and name.startswith("head.")
+
+    def task_start(self) -> dict[str, torch.Tensor]:
+        """The adapted parameters at the start of every task: the (meta-learned) initialisation, the head at zero
+        with `components.reset_head`."""
+        base = dict(self.backbone.named_parameters())
+        return {n: torch.zeros_like(base[n]) if self.resets(n) else base[n] for n in self.names}
 
     def logits(self, params: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
         """The backbone's logits on trunk `features` with the adapted parameters `params`."""
@@ -118,9 +127,8 @@ class NPBML(nn.Module):
         """
         if features is None:
             features = self.features(episode, train=create_graph)
-        base = dict(self.backbone.named_parameters())
-        params = [base[n] if base[n].requires_grad and create_graph else base[n].detach().requires_grad_()
-                  for n in self.names]
+        params = [p if p.requires_grad and create_graph else p.detach().requires_grad_()
+                  for p in self.task_start().values()]
         buffers: list[torch.Tensor] | None = None
         for _ in range(steps):
             loss = self.inner_loss(dict(zip(self.names, params, strict=True)), episode.support_y, features.inner)
@@ -161,8 +169,7 @@ class NPBML(nn.Module):
         support_y, query_y = torch.stack([e.support_y for e in episodes]), torch.stack([e.query_y for e in episodes])
         features = EpisodeFeatures(*(torch.stack(field) for field in zip(*(self.features(e, train=True)
                                                                              for e in episodes), strict=True)))
-        base = dict(self.backbone.named_parameters())
-        params = [base[n].expand(len(episodes), *base[n].shape) for n in self.names]
+        params = [p.expand(len(episodes), *p.shape) for p in self.task_start().values()]
         task_grads = torch.func.vmap(torch.func.grad(
             lambda ps, y, inner: self.inner_loss(dict(zip(self.names, ps, strict=True)), y, inner)))
         buffers: list[torch.Tensor] | None = None
@@ -181,8 +188,7 @@ class NPBML(nn.Module):
         {"value": each term, "grad_norm": the norm of its gradient in the adapted parameters (what the inner loop
         feels of it)}."""
         features = self.features(episode, train=False)
-        base = dict(self.backbone.named_parameters())
-        params = {n: base[n] for n in self.names}
+        params = self.task_start()
         logits = self.logits(params, features.inner)
         support = len(episode.support_y)
         terms = self.loss.terms(logits[:support], episode.support_y, logits[support:], list(params.values()))

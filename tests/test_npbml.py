@@ -236,6 +236,21 @@ def test_ablation_without_learned_init_freezes_the_initialisation(adapted_blocks
     assert trainable and all("warp" in n for n in trainable)
 
 
+def test_a_reset_head_starts_every_task_at_zero_and_is_not_meta_learned() -> None:
+    torch.manual_seed(0)
+    learner = build_learner(config(reset_head=True), (1, 28, 28))
+    assert not learner.backbone.head.weight.requires_grad and not learner.backbone.head.bias.requires_grad
+    start = learner.adapt(episode(), steps=0, create_graph=True)
+    assert not start["head.weight"].any() and not start["head.bias"].any()
+    adapted = learner.adapt(episode(), steps=1, create_graph=False)
+    assert adapted["head.weight"].abs().sum() > 0  # the inner loop moves it from zero
+    loss, _ = learner(episode(), steps=2, train=True)
+    loss.backward()
+    assert learner.backbone.head.weight.grad is None
+    reached = [n for n, p in learner.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert "backbone.blocks.3.unit.conv.weight" in reached and "backbone.blocks.0.unit.conv.weight" in reached
+
+
 def test_meta_test_adaptation_builds_no_graph() -> None:
     learner = build_learner(config(), (1, 28, 28))
     loss, accuracy = learner(episode(), steps=2, train=False)
