@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,7 @@ def meta_gradient(learner: nn.Module, params: list[torch.Tensor], episodes: list
     return mean[0], mean[1]
 
 
-def _samplers(config: EpisodicConfig, data_root: Path) -> dict[str, EpisodeSampler]:
+def episode_samplers(config: EpisodicConfig, data_root: Path) -> dict[str, EpisodeSampler]:
     """Episode samplers of the meta-train, meta-validation and meta-test splits; with `eval.test_dataset`, the
     meta-test split is that data set's (cross-domain), its images the shape of the training set's."""
     d = config.data
@@ -108,6 +108,13 @@ def _samplers(config: EpisodicConfig, data_root: Path) -> dict[str, EpisodeSampl
     check_episodes_fit(splits, d.dataset if cross is None else f"{d.dataset} / {cross}", d.ways, d.shots, d.query)
     return {split: EpisodeSampler(data, d.ways, d.shots, d.query, d.train_tasks if split == "train" else -1)
             for split, data in splits.items()}
+
+
+def fixed_episodes(config: EpisodicConfig, sampler: EpisodeSampler, split: str, count: int, first: int = 0,
+                   stride: int = 1) -> Iterator[Episode]:
+    """The run's fixed meta-validation or meta-test tasks (the same at every call; see EpisodeSampler.fixed)."""
+    stream = VALIDATION_STREAM if split == "validation" else TEST_STREAM
+    return sampler.fixed(count, seed=config.seed * 10 + stream, first=first, stride=stride)
 
 
 def _optimizer(config: EpisodicConfig, learner: nn.Module):
@@ -127,7 +134,7 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
     """Meta-train, keep the best model on meta-validation, meta-test it; returns results.json's content."""
     device, ranks = resolve_device(device_for(config.device)), world()
     check_divisible(config.outer.meta_batch, "tasks per meta-batch", "outer.meta_batch")
-    samplers = _samplers(config, data_root)
+    samplers = episode_samplers(config, data_root)
     in_shape = tuple(samplers["train"].taskset.dataset[0][0].shape)
     seed_everything(config.seed)
     learner = build_learner(config, in_shape).to(device)
@@ -151,8 +158,7 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
     def accuracies(split: str, count: int) -> list[float]:
         """Query accuracies on the same `count` tasks of `split` at every call (meta-validation, meta-test), in
         task order; under torchrun each rank adapts every world-size-th task."""
-        stream = VALIDATION_STREAM if split == "validation" else TEST_STREAM
-        episodes = samplers[split].fixed(count, seed=config.seed * 10 + stream, first=ranks.rank, stride=ranks.size)
+        episodes = fixed_episodes(config, samplers[split], split, count, first=ranks.rank, stride=ranks.size)
         shares = gather_objects(evaluate(learner, episodes, config.eval_steps, device))
         return [shares[index % ranks.size][index // ranks.size] for index in range(count)]
 

@@ -23,7 +23,8 @@ network no longer depends on its inputs (dead) reads exactly 0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,8 @@ from torch import nn
 
 from adalfl.loss_network import LossMLP, SmoothLeakyReLU
 from npbml.film import FiLM
+
+TERMS = ("ce", "support", "query", "regulariser")
 
 
 class FiLMLossMLP(LossMLP):
@@ -101,6 +104,7 @@ class TaskAdaptiveLoss(nn.Module):
         self.support_net = FiLMLossMLP(2 * ways + 1, hidden, film, init)
         self.query_net = FiLMLossMLP(2 * ways + 1, hidden, film, init)
         self.regulariser_net = FiLMLossMLP(4, hidden, film, init)
+        self.left_out: frozenset[str] = frozenset()  # terms M leaves out (a test-time ablation; see leaving_out)
 
     def terms(self, support_logits: torch.Tensor, support_y: torch.Tensor, query_logits: torch.Tensor,
               params: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -120,7 +124,20 @@ class TaskAdaptiveLoss(nn.Module):
 
     def forward(self, support_logits: torch.Tensor, support_y: torch.Tensor, query_logits: torch.Tensor,
                 params: Sequence[torch.Tensor]) -> torch.Tensor:
-        return sum(self.terms(support_logits, support_y, query_logits, params).values())
+        terms = self.terms(support_logits, support_y, query_logits, params)
+        return sum(value for name, value in terms.items() if name not in self.left_out)
+
+    @contextlib.contextmanager
+    def leaving_out(self, *names: str) -> Iterator[None]:
+        """Inside the block, M is the sum of the other terms (names from `terms`: ce, support, query, regulariser)."""
+        unknown = set(names) - set(TERMS)
+        if unknown:
+            raise ValueError(f"unknown terms {sorted(unknown)}; the terms are {', '.join(TERMS)}")
+        self.left_out = frozenset(names)
+        try:
+            yield
+        finally:
+            self.left_out = frozenset()
 
     @torch.no_grad()
     def support_curve(self, margins: torch.Tensor) -> torch.Tensor:

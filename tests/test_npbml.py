@@ -295,3 +295,19 @@ def test_the_loss_networks_can_have_their_own_outer_learning_rate() -> None:
     lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     assert {lrs[id(p)] for p in learner.loss.parameters()} == {1e-2}
     assert {lrs[id(p)] for p in learner.backbone.parameters() if p.requires_grad} == {1e-3}
+
+
+def test_leaving_out_every_learned_term_leaves_cross_entropy() -> None:
+    torch.manual_seed(0)
+    loss = TaskAdaptiveLoss(WAYS)
+    logits, y, query = torch.randn(WAYS, WAYS), torch.arange(WAYS), torch.randn(3, WAYS)
+    params = [torch.randn(4, 3), torch.randn(5)]
+    full = loss(logits, y, query, params)
+    with loss.leaving_out("support", "query", "regulariser"):
+        assert torch.allclose(loss(logits, y, query, params), F.cross_entropy(logits, y))
+    with loss.leaving_out("regulariser"):
+        terms = loss.terms(logits, y, query, params)
+        assert torch.allclose(loss(logits, y, query, params), full - terms["regulariser"])
+    assert torch.equal(loss(logits, y, query, params), full)  # restored after the block
+    with pytest.raises(ValueError, match="unknown terms"), loss.leaving_out("R"):
+        pass
