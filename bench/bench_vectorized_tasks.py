@@ -7,6 +7,7 @@ blocks adapted, warp, task-adaptive loss, FiLM) on generated Omniglot-sized epis
 round-robin in one process and the median wall time is reported.
 
     .venv/bin/python bench/bench_vectorized_tasks.py --repeats 5
+    .venv/bin/python bench/bench_vectorized_tasks.py --profile   # where the MAML baseline's time goes
 """
 
 from __future__ import annotations
@@ -74,13 +75,27 @@ def project_iteration(method: str, vectorize: bool, device: torch.device) -> Cal
     return iteration
 
 
+def profile_baseline(device: torch.device, tasks: int) -> None:
+    """The operators of one learn2learn MAML meta-iteration, by self time."""
+    iteration, batch = bare_maml_iteration(device), episodes(tasks, device)
+    iteration(batch)  # warm-up
+    with torch.profiler.profile() as profiler:
+        iteration(batch)
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--meta-batches", type=int, nargs="+", default=[4, 32])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's operator table of one baseline MAML meta-iteration instead")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.profile:
+        profile_baseline(device, args.meta_batches[0])
+        return
     pairs = {"maml": ("learn2learn loop (bare)", bare_maml_iteration(device),
                       "vectorised", project_iteration("maml", True, device)),
              "npbml": ("per-task loop", project_iteration("npbml", False, device),

@@ -188,7 +188,7 @@ class NPBML(nn.Module):
         {"value": each term, "grad_norm": the norm of its gradient in the adapted parameters (what the inner loop
         feels of it)}."""
         features = self.features(episode, train=False)
-        params = self.task_start()
+        params = {n: p.detach().requires_grad_() for n, p in self.task_start().items()}  # for logging only
         logits = self.logits(params, features.inner)
         support = len(episode.support_y)
         terms = self.loss.terms(logits[:support], episode.support_y, logits[support:], list(params.values()))

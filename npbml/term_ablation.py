@@ -5,7 +5,9 @@
 Loads the run's config and best model, then meta-tests it on the run's own fixed meta-test tasks (those of its
 results.json) with the full task-adaptive loss M = CE + L_S + L_Q + R, with cross-entropy alone, and with each
 learned term left out in turn. Nothing is re-trained: the initialisation, warp and FiLM layers stay those learned
-with the full loss. Prints a table and writes term_ablation.json into the run folder.
+with the full loss, and in every variant the inner loop's batch still holds the transductive query examples (batch
+norm and FiLM see them; only the loss terms change). Prints a table and writes term_ablation.json into the run
+folder.
 """
 
 from __future__ import annotations
@@ -46,7 +48,11 @@ def ablate(run_path: Path, tasks: int, data_root: str | None) -> dict[str, dict[
     in_shape = tuple(samplers["train"].taskset.dataset[0][0].shape)
     device = resolve_device(device_for(config.device))
     learner = build_learner(config, in_shape).to(device)
-    learner.load_state_dict(load_checkpoint(run.best_checkpoint)["learner"])
+    try:
+        learner.load_state_dict(load_checkpoint(run.best_checkpoint)["learner"])
+    except (KeyError, RuntimeError) as exc:
+        raise UserError(f"{run.best_checkpoint} does not fit the model {run.config} describes ({exc}); pass the "
+                        "folder the run was trained in, with its own config.yaml and best.pt") from None
     results = {}
     for name, left_out in VARIANTS.items():
         with learner.loss.leaving_out(*left_out):
@@ -64,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=600, help="meta-test tasks (the run's first ones)")
     parser.add_argument("--data-root", help="folder holding the data sets (default: as for train.py)")
     args = parser.parse_args(argv)
+    if args.tasks < 1:
+        parser.error(f"--tasks {args.tasks}: meta-test at least 1 task")
     try:
         results = ablate(args.run, args.tasks, args.data_root)
     except UserError as exc:

@@ -249,6 +249,8 @@ def test_a_reset_head_starts_every_task_at_zero_and_is_not_meta_learned() -> Non
     assert learner.backbone.head.weight.grad is None
     reached = [n for n, p in learner.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
     assert "backbone.blocks.3.unit.conv.weight" in reached and "backbone.blocks.0.unit.conv.weight" in reached
+    terms = learner.loss_terms(episode())  # TensorBoard's view of the terms, at the zero head
+    assert all(math.isfinite(v) for group in terms.values() for v in group.values())
 
 
 def test_meta_test_adaptation_builds_no_graph() -> None:
@@ -300,9 +302,13 @@ def test_the_loss_networks_can_have_their_own_outer_learning_rate() -> None:
 def test_leaving_out_every_learned_term_leaves_cross_entropy() -> None:
     torch.manual_seed(0)
     loss = TaskAdaptiveLoss(WAYS)
+    for net in (loss.support_net, loss.query_net, loss.regulariser_net):  # terms of order 1, not ~1e-5
+        for layer in net.layers:
+            torch.nn.init.normal_(layer.weight)
     logits, y, query = torch.randn(WAYS, WAYS), torch.arange(WAYS), torch.randn(3, WAYS)
     params = [torch.randn(4, 3), torch.randn(5)]
     full = loss(logits, y, query, params)
+    assert all(abs(float(t)) > 0.05 for t in loss.terms(logits, y, query, params).values())
     with loss.leaving_out("support", "query", "regulariser"):
         assert torch.allclose(loss(logits, y, query, params), F.cross_entropy(logits, y))
     with loss.leaving_out("regulariser"):

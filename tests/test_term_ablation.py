@@ -14,7 +14,7 @@ from npbml import term_ablation
 @pytest.mark.slow
 def test_the_ablation_meta_tests_the_runs_own_tasks_with_each_term_left_out(shared_data: Path, tmp_path: Path,
                                                                              capsys) -> None:
-    code, folder = run("npbml_omniglot_5w1s.yaml", tmp_path, shared_data, "r")
+    code, folder = run("npbml_omniglot_5w1s.yaml", tmp_path, shared_data, "r", "components.reset_head=true")
     assert code == 0
     assert term_ablation.main([str(folder), "--tasks", "3", "--data-root", str(shared_data)]) == 0
     report = json.loads((folder / "term_ablation.json").read_text())
@@ -22,6 +22,9 @@ def test_the_ablation_meta_tests_the_runs_own_tasks_with_each_term_left_out(shar
     results = json.loads((folder / "results.json").read_text())  # its meta-test: the same 3 tasks, the full loss
     assert report["variants"]["full"]["accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-9)
     assert "| without R |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        term_ablation.main([str(folder), "--tasks", "0"])
+    assert "at least 1 task" in capsys.readouterr().err
 
 
 @pytest.mark.slow
