@@ -81,6 +81,10 @@ class ComponentsConfig:
     # The head starts every task at zero instead of at a meta-learned initialisation: the reference's
     # permutation-invariant head (its shared starting row is never updated there), README "NPBML".
     reset_head: bool = False
+    # With learned_loss: which learned terms M has besides CE (support: L_S, query: L_Q, regulariser: R); without
+    # "query" the inner loop sees no query examples.
+    loss_terms: list[Literal["support", "query", "regulariser"]] = field(
+        default_factory=lambda: ["support", "query", "regulariser"])
 
 
 @dataclass
@@ -170,6 +174,10 @@ class EpisodicConfig:
                 "model.adapted_blocks = 0 adapts only the head, and warp layers sit after adapted blocks: "
                 "set components.warp=false or model.adapted_blocks >= 1"
             )
+        terms = self.components.loss_terms
+        if self.components.learned_loss and (not terms or len(set(terms)) < len(terms)):
+            raise ConfigError(f"components.loss_terms = {terms} must name each learned term once, at least one of "
+                              "support, query, regulariser (components.learned_loss=false removes them all)")
         if self.inner.transductive_shots > self.data.query:
             raise ConfigError(
                 f"inner.transductive_shots = {self.inner.transductive_shots} exceeds data.query = {self.data.query}"

@@ -72,8 +72,8 @@ class NPBML(nn.Module):
         for name, param in params.items():
             if (not self.components.learn_init and not is_meta_only(name)) or self.resets(name):
                 param.requires_grad_(False)
-        self.loss = TaskAdaptiveLoss(config.data.ways, self.components.film, init=self.components.loss_init) \
-            if self.components.learned_loss else None
+        self.loss = TaskAdaptiveLoss(config.data.ways, self.components.film, init=self.components.loss_init,
+                                     learned=self.components.loss_terms) if self.components.learned_loss else None
         self.lrs = nn.ParameterList(
             nn.Parameter(torch.full_like(params[n], self.inner.lr)) for n in self.names
         ) if self.components.learned_inner_lr else None
@@ -108,7 +108,7 @@ class NPBML(nn.Module):
 
     def inner_x(self, support_x: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
         """The inner loop's batch: the support, followed by the transductive query examples when L_Q is on."""
-        if self.loss is None:
+        if self.loss is None or not self.loss.transductive:
             return support_x
         return torch.cat((support_x, self.transductive_x(query_x)))
 
@@ -200,8 +200,7 @@ class NPBML(nn.Module):
 
     def loss_meta_gradient_norms(self) -> dict[str, float]:
         """The norm of the current meta-gradient of each learned term's network (after a backward)."""
-        nets = {"support": self.loss.support_net, "query": self.loss.query_net,
-                "regulariser": self.loss.regulariser_net}
+        nets = self.loss.nets
         norms = {name: torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in net.parameters()
                                                             if p.grad is not None] or [torch.zeros(1)]))
                  for name, net in nets.items()}

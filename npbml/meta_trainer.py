@@ -272,7 +272,7 @@ def _log_loss_terms(writer: EventWriter, learner: nn.Module, episode: Episode, i
     if getattr(learner, "loss", None) is None:
         return
     terms = learner.loss_terms(episode)
-    for name in ("support", "query", "regulariser"):
+    for name in learner.loss.nets:
         for kind, suffix in (("value", "over_ce"), ("grad_norm", "grad_over_ce")):
             ratio = abs(terms[kind][name]) / max(terms[kind]["ce"], 1e-12)
             writer.add_scalar(f"learned_loss/{name}_{suffix}", ratio, iteration)
@@ -283,7 +283,7 @@ def _log_loss_terms(writer: EventWriter, learner: nn.Module, episode: Episode, i
 def _log_loss_shape(writer: EventWriter, learner: nn.Module, iteration: int) -> None:
     """CE + L_S against the true-class logit margin, as a figure, when the loss is learned."""
     loss = getattr(learner, "loss", None)
-    if loss is None:
+    if loss is None or loss.support_net is None:
         return
     import matplotlib
 

@@ -1,4 +1,5 @@
-"""NPBML's task-adaptive learned loss M = CE(support) + L_S + L_Q + R, each term its own loss network.
+"""NPBML's task-adaptive learned loss M = CE(support) + L_S + L_Q + R, each term its own loss network (any
+subset of the three learned terms can be chosen, for ablations).
 
 - L_S (inductive), per support example: [logits (N), one-hot label (N), CE (1)].
 - L_Q (transductive), per query example: [logits (N), similarity to each class (N), CE against the
@@ -33,7 +34,7 @@ from torch import nn
 from adalfl.loss_network import LossMLP, SmoothLeakyReLU
 from npbml.film import FiLM
 
-TERMS = ("ce", "support", "query", "regulariser")
+LEARNED_TERMS = ("support", "query", "regulariser")  # L_S, L_Q, R: the terms with a loss network
 
 
 class FiLMLossMLP(LossMLP):
@@ -96,31 +97,47 @@ def parameter_statistics(params: Sequence[torch.Tensor], eps: float = 1e-12) -> 
 
 
 class TaskAdaptiveLoss(nn.Module):
-    """M(support, query, params) = CE(support) + L_S + L_Q + R."""
+    """M(support, query, params) = CE(support) + L_S + L_Q + R, or CE + the learned terms named in `learned`."""
 
-    def __init__(self, ways: int, film: bool = True, hidden: Sequence[int] = (40, 40), init: str = "small") -> None:
+    def __init__(self, ways: int, film: bool = True, hidden: Sequence[int] = (40, 40), init: str = "small",
+                 learned: Sequence[str] = LEARNED_TERMS) -> None:
         super().__init__()
+        unknown = set(learned) - set(LEARNED_TERMS)
+        if unknown or not learned:
+            raise ValueError(f"learned terms {list(learned)}: name one or more of {', '.join(LEARNED_TERMS)}")
         self.ways = ways
-        self.support_net = FiLMLossMLP(2 * ways + 1, hidden, film, init)
-        self.query_net = FiLMLossMLP(2 * ways + 1, hidden, film, init)
-        self.regulariser_net = FiLMLossMLP(4, hidden, film, init)
+        self.support_net = FiLMLossMLP(2 * ways + 1, hidden, film, init) if "support" in learned else None
+        self.query_net = FiLMLossMLP(2 * ways + 1, hidden, film, init) if "query" in learned else None
+        self.regulariser_net = FiLMLossMLP(4, hidden, film, init) if "regulariser" in learned else None
         self.left_out: frozenset[str] = frozenset()  # terms M leaves out (a test-time ablation; see leaving_out)
+
+    @property
+    def nets(self) -> dict[str, FiLMLossMLP]:
+        """The learned terms' networks by term name (only the terms this loss has)."""
+        nets = {"support": self.support_net, "query": self.query_net, "regulariser": self.regulariser_net}
+        return {name: net for name, net in nets.items() if net is not None}
+
+    @property
+    def transductive(self) -> bool:
+        """Whether M reads query examples (L_Q): the inner loop then adds some to its batch."""
+        return self.query_net is not None
 
     def terms(self, support_logits: torch.Tensor, support_y: torch.Tensor, query_logits: torch.Tensor,
               params: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The four terms of M, each a scalar."""
+        """The terms of M, each a scalar: "ce" and each learned term this loss has."""
         ce = F.cross_entropy(support_logits, support_y, reduction="none")
-        support_in = torch.cat((support_logits, one_hot(support_y, self.ways, support_logits.dtype), ce[:, None]),
-                               dim=1)
-        similarity = prototype_similarity(support_logits, support_y, query_logits, self.ways)
-        pseudo_ce = F.cross_entropy(query_logits, query_logits.argmax(dim=1), reduction="none")
-        query_in = torch.cat((query_logits, similarity, pseudo_ce[:, None]), dim=1)
-        return {
-            "ce": ce.mean(),
-            "support": self.support_net(support_in).mean(),
-            "query": self.query_net(query_in).mean(),
-            "regulariser": self.regulariser_net(parameter_statistics(params)).mean(),
-        }
+        terms = {"ce": ce.mean()}
+        if self.support_net is not None:
+            support_in = torch.cat((support_logits, one_hot(support_y, self.ways, support_logits.dtype),
+                                    ce[:, None]), dim=1)
+            terms["support"] = self.support_net(support_in).mean()
+        if self.query_net is not None:
+            similarity = prototype_similarity(support_logits, support_y, query_logits, self.ways)
+            pseudo_ce = F.cross_entropy(query_logits, query_logits.argmax(dim=1), reduction="none")
+            terms["query"] = self.query_net(torch.cat((query_logits, similarity, pseudo_ce[:, None]), dim=1)).mean()
+        if self.regulariser_net is not None:
+            terms["regulariser"] = self.regulariser_net(parameter_statistics(params)).mean()
+        return terms
 
     def forward(self, support_logits: torch.Tensor, support_y: torch.Tensor, query_logits: torch.Tensor,
                 params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -129,10 +146,11 @@ class TaskAdaptiveLoss(nn.Module):
 
     @contextlib.contextmanager
     def leaving_out(self, *names: str) -> Iterator[None]:
-        """Inside the block, M is the sum of the other terms (names from `terms`: ce, support, query, regulariser)."""
-        unknown = set(names) - set(TERMS)
+        """Inside the block, M is the sum of the other terms (names from `terms`: ce and the learned ones)."""
+        present = ("ce", *self.nets)
+        unknown = set(names) - set(present)
         if unknown:
-            raise ValueError(f"unknown terms {sorted(unknown)}; the terms are {', '.join(TERMS)}")
+            raise ValueError(f"unknown terms {sorted(unknown)}; this loss's terms are {', '.join(present)}")
         self.left_out = frozenset(names)
         try:
             yield
@@ -142,7 +160,9 @@ class TaskAdaptiveLoss(nn.Module):
     @torch.no_grad()
     def support_curve(self, margins: torch.Tensor) -> torch.Tensor:
         """CE + L_S on one support example of class 0 whose logits are [m, 0, ..., 0], for each margin m:
-        the learned inductive loss's shape (for TensorBoard)."""
+        the learned inductive loss's shape (for TensorBoard; only with L_S)."""
+        if self.support_net is None:
+            raise ValueError("this loss has no learned support term (L_S) to draw")
         device = self.support_net.layers[0].weight.device
         logits = torch.zeros(len(margins), self.ways, device=device)
         logits[:, 0] = margins.to(device)

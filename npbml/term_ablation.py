@@ -3,11 +3,11 @@
     python -m npbml.term_ablation runs/<npbml run> [--tasks 600] [--data-root ../shared/data]
 
 Loads the run's config and best model, then meta-tests it on the run's own fixed meta-test tasks (those of its
-results.json) with the full task-adaptive loss M = CE + L_S + L_Q + R, with cross-entropy alone, and with each
-learned term left out in turn. Nothing is re-trained: the initialisation, warp and FiLM layers stay those learned
-with the full loss, and in every variant the inner loop's batch still holds the transductive query examples (batch
-norm and FiLM see them; only the loss terms change). Prints a table and writes term_ablation.json into the run
-folder.
+results.json) with the full task-adaptive loss M (CE + L_S + L_Q + R, or the terms the run has), with
+cross-entropy alone, and with each learned term left out in turn. Nothing is re-trained: the initialisation, warp
+and FiLM layers stay those learned with the full loss, and in every variant the inner loop's batch still holds the
+transductive query examples of a run with L_Q (batch norm and FiLM see them; only the loss terms change). Prints
+a table and writes term_ablation.json into the run folder.
 """
 
 from __future__ import annotations
@@ -28,8 +28,12 @@ from npbml.config import EpisodicConfig
 from npbml.learners import build_learner
 from npbml.meta_trainer import episode_samplers, evaluate, fixed_episodes, mean_ci95
 
-VARIANTS = {"full": (), "ce only": ("support", "query", "regulariser"), "without L_S": ("support",),
-            "without L_Q": ("query",), "without R": ("regulariser",)}
+SYMBOLS = {"support": "L_S", "query": "L_Q", "regulariser": "R"}
+
+
+def variants(learned: list[str]) -> dict[str, tuple[str, ...]]:
+    """{variant name: the terms it leaves out}: the full loss, CE alone, and each learned term left out in turn."""
+    return {"full": (), "ce only": tuple(learned), **{f"without {SYMBOLS[t]}": (t,) for t in learned}}
 
 
 def ablate(run_path: Path, tasks: int, data_root: str | None) -> dict[str, dict[str, float]]:
@@ -54,7 +58,7 @@ def ablate(run_path: Path, tasks: int, data_root: str | None) -> dict[str, dict[
         raise UserError(f"{run.best_checkpoint} does not fit the model {run.config} describes ({exc}); pass the "
                         "folder the run was trained in, with its own config.yaml and best.pt") from None
     results = {}
-    for name, left_out in VARIANTS.items():
+    for name, left_out in variants(list(learner.loss.nets)).items():
         with learner.loss.leaving_out(*left_out):
             accuracies = evaluate(learner, fixed_episodes(config, samplers["test"], "test", tasks),
                                   config.eval_steps, device)

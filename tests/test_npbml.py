@@ -281,6 +281,9 @@ def test_ci95() -> None:
     ({"method": "maml", "model": {"adapted_blocks": 2}}, "NPBML option"),
     ({"method": "npbml", "model": {"adapted_blocks": 5}}, "between 0 and 4"),
     ({"method": "npbml", "model": {"adapted_blocks": 0}}, "adapts only the head"),
+    ({"method": "npbml", "components": {"loss_terms": []}}, "learned_loss=false removes them all"),
+    ({"method": "npbml", "components": {"loss_terms": ["query", "query"]}}, "each learned term once"),
+    ({"method": "npbml", "components": {"loss_terms": ["relation"]}}, "choose one of: support, query, regulariser"),
 ])
 def test_bad_config(override: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -316,4 +319,21 @@ def test_leaving_out_every_learned_term_leaves_cross_entropy() -> None:
         assert torch.allclose(loss(logits, y, query, params), full - terms["regulariser"])
     assert torch.equal(loss(logits, y, query, params), full)  # restored after the block
     with pytest.raises(ValueError, match="unknown terms"), loss.leaving_out("R"):
+        pass
+
+
+def test_a_loss_without_the_query_term_is_inductive_and_its_terms_still_learn() -> None:
+    torch.manual_seed(0)
+    learner = build_learner(config(loss_terms=["support", "regulariser"]), (1, 28, 28))
+    assert learner.loss.query_net is None and list(learner.loss.nets) == ["support", "regulariser"]
+    task = episode()
+    assert torch.equal(learner.inner_x(task.support_x, task.query_x), task.support_x)  # no query examples
+    assert set(learner.loss_terms(task)["value"]) == {"ce", "support", "regulariser"}
+    loss, _ = learner(task, steps=2, train=True)
+    loss.backward()
+    for name, p in learner.loss.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert set(learner.loss_meta_gradient_norms()) == {"support", "regulariser"}
+    with pytest.raises(ValueError, match="this loss's terms are ce, support, regulariser"), \
+            learner.loss.leaving_out("query"):
         pass

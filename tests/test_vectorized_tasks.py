@@ -56,6 +56,7 @@ def meta_gradients(cfg: EpisodicConfig, tasks: list[Episode]) -> tuple[torch.Ten
     ("npbml", {"components": {"learn_init": False}}),  # the backbone fixed: its expanded parameters need no grad
     ("npbml", {"model": {"adapted_blocks": 0}, "components": {"warp": False}}),  # only the head adapts
     ("npbml", {"components": {"reset_head": True}}),  # the head starts every task at zero
+    ("npbml", {"components": {"loss_terms": ["support", "regulariser"]}}),  # no L_Q: no query examples inside
     ("npbml", {"model": {"backbone": "resnet12", "filters": 4, "adapted_blocks": 1}}),  # shortcut norms adapted too
 ])
 def test_the_vectorised_meta_batch_has_the_per_task_loops_meta_gradient(method, options) -> None:
