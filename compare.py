@@ -91,12 +91,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def top_level_split(text: str) -> list[str]:
+    """`text` split at the commas outside brackets, so that a value may be a YAML list: "a=[1,2],b=3"."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:index])
+            start = index + 1
+    return [*parts, text[start:]]
+
+
 def method_cells(spec: str, config: Path, seeds: list[int]) -> list[Cell]:
     """The cells of one --methods entry: METHOD, LABEL=CONFIG.yaml or LABEL=METHOD,KEY=VALUE,..."""
     label, _, own = spec.partition("=")
     if own.endswith((".yaml", ".yml")):
         return [Cell(label, seed, Path(own), True) for seed in seeds]
-    method, *sets = own.split(",") if own else [label]
+    method, *sets = top_level_split(own) if own else [label]
     return [Cell(label, seed, config, False, (f"method={method}", *(s.replace("{seed}", str(seed)) for s in sets)))
             for seed in seeds]
 

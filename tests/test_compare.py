@@ -129,10 +129,12 @@ def test_label_smoothing_zero_is_cross_entropy_and_needs_classes(tmp_path, share
 
 def test_variant_labels_carry_their_own_overrides(tmp_path) -> None:
     cells = compare.grid_cells(Path("base.yaml"), ["adalfl", "same=adalfl,meta.batch_source=same,seed=9",
-                                                    "ctl=ce,optimizer.lr_multipliers_from=g/adalfl-seed{seed}"], [0])
+                                                    "ctl=ce,optimizer.lr_multipliers_from=g/adalfl-seed{seed}",
+                                                    "lq=npbml,components.loss_terms=[query,support],seed=1"], [0])
     assert [(c.label, c.sets) for c in cells] == [
         ("adalfl", ("method=adalfl",)), ("same", ("method=adalfl", "meta.batch_source=same", "seed=9")),
         ("ctl", ("method=ce", "optimizer.lr_multipliers_from=g/adalfl-seed0")),
+        ("lq", ("method=npbml", "components.loss_terms=[query,support]", "seed=1")),  # a list value stays whole
     ]
     arguments = compare.cell_arguments(cells[1], tmp_path, ["meta.batch_source=validation"], None)
     sets = [arguments[i + 1] for i, a in enumerate(arguments) if a == "--set"]
