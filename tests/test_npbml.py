@@ -311,7 +311,7 @@ def test_leaving_out_every_learned_term_leaves_cross_entropy() -> None:
     logits, y, query = torch.randn(WAYS, WAYS), torch.arange(WAYS), torch.randn(3, WAYS)
     params = [torch.randn(4, 3), torch.randn(5)]
     full = loss(logits, y, query, params)
-    assert all(abs(float(t)) > 0.05 for t in loss.terms(logits, y, query, params).values())
+    assert all(abs(t.item()) > 0.05 for t in loss.terms(logits, y, query, params).values())
     with loss.leaving_out("support", "query", "regulariser"):
         assert torch.allclose(loss(logits, y, query, params), F.cross_entropy(logits, y))
     with loss.leaving_out("regulariser"):
