@@ -337,3 +337,18 @@ def test_a_loss_without_the_query_term_is_inductive_and_its_terms_still_learn() 
     with pytest.raises(ValueError, match="this loss's terms are ce, support, regulariser"), \
             learner.loss.leaving_out("query"):
         pass
+
+
+def test_under_cross_entropy_a_zero_head_adapts_as_the_references_shared_row() -> None:
+    """The README's claim for `reset_head`: a start shared by every class shifts all logits alike, so with a
+    cross-entropy inner loop (momentum, weight decay included) the query loss is the same as from zero."""
+    torch.manual_seed(0)
+    learner = build_learner(config(reset_head=True, learned_loss=False), (1, 28, 28))
+    task = episode()
+    from_zero, _ = learner(task, steps=3, train=False)
+    start = learner.task_start()
+    width = start["head.weight"].shape[1]
+    learner.task_start = lambda: {**start, "head.weight": torch.randn(1, width).expand(WAYS, width).clone(),
+                                  "head.bias": torch.full((WAYS,), 0.3)}
+    from_row, _ = learner(task, steps=3, train=False)
+    assert torch.allclose(from_row, from_zero, atol=1e-5)
