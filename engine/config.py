@@ -21,8 +21,12 @@ from engine.errors import ConfigError
 T = TypeVar("T")
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with clear errors for a missing file or invalid YAML."""
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping, with clear errors for a missing file or invalid YAML.
+
+    A top-level `base: other.yaml` (relative to this file) reads that file first and overlays this one on it,
+    section by section, so a config can state only what differs from another.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
@@ -34,7 +38,29 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
-    return data
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: base must be the path of another YAML file, not {base!r}")
+    base_path = path.parent / base
+    if base_path.resolve() in _seen or base_path.resolve() == path.resolve():
+        raise ConfigError(f"config file {path}: base {base} leads back to itself; remove the cycle")
+    if not base_path.is_file():
+        raise ConfigError(f"config file {path}: its base {base_path} does not exist; "
+                          "base is read relative to the file that names it")
+    return _overlay(load_yaml(base_path, (*_seen, path.resolve())), data)
+
+
+def _overlay(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on `base`: sections merged key by key, any other value replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _overlay(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
