@@ -28,6 +28,7 @@ import csv
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -36,13 +37,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 import train
 from adalfl import figures
-from engine.run_dir import RunDir
+from engine.run_dir import RunDir, write_text_atomic
+from engine.selection import MIN_EVALUATIONS_TO_SELECT as MIN_EVALUATIONS
 
 FINAL_METRICS = ("test_error", "test_mse", "test_accuracy")  # the first one a results.json holds is reported
 METHOD_ORDER = ("ce", "mse", "label_smoothing", "sparse_lsr", "taylorglo", "evomal", "ml3", "adalfl")
 SWEEP_FILE = "sweep.json"
+GRID_FILE = "grid.json"  # the grid's baseline label and the compute ratios its METHOD@compute=LABEL cells ran at
+COMPUTE_SPEC = re.compile(r"^(?P<method>\w+)@compute=(?P<reference>[^,=]+)(?P<rest>,.*)?$")
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class Cell:
     config: Path
     own_config: bool
     sets: tuple[str, ...] = ()
+    compute_of: str | None = None  # run at this label's measured training compute (METHOD@compute=LABEL)
 
     def run_dir(self, out: Path) -> RunDir:
         return RunDir(out / f"{self.label}-seed{self.seed}")
@@ -103,7 +110,15 @@ def top_level_split(text: str) -> list[str]:
 
 
 def method_cells(spec: str, config: Path, seeds: list[int]) -> list[Cell]:
-    """The cells of one --methods entry: METHOD, LABEL=CONFIG.yaml or LABEL=METHOD,KEY=VALUE,..."""
+    """The cells of one --methods entry: METHOD, LABEL=CONFIG.yaml, LABEL=METHOD,KEY=VALUE,... or
+    METHOD@compute=LABEL[,KEY=VALUE,...] (METHOD at LABEL's training compute)."""
+    compute = COMPUTE_SPEC.match(spec)
+    if compute:
+        method, reference, rest = compute["method"], compute["reference"], compute["rest"]
+        sets = top_level_split(rest[1:]) if rest else []
+        return [Cell(f"{method}@compute={reference}", seed, config, False,
+                     (f"method={method}", *(s.replace("{seed}", str(seed)) for s in sets)), reference)
+                for seed in seeds]
     label, _, own = spec.partition("=")
     if own.endswith((".yaml", ".yml")):
         return [Cell(label, seed, Path(own), True) for seed in seeds]
@@ -212,26 +227,96 @@ def final_metric(results: dict[str, Any]) -> str:
     raise KeyError(f"results hold none of {', '.join(FINAL_METRICS)}")
 
 
-def summary_rows(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> list[dict[str, Any]]:
-    """Per method: the final metric's mean, sample std and number of seeds, and the mean reported 95% CI."""
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired(results: list[dict[str, Any]], baseline: dict[int, dict[str, Any]], key: str) -> list[float]:
+    """Seed by seed, `key` of `results` minus the baseline's, over the seeds both have."""
+    return [r[key] - baseline[r["seed"]][key] for r in results if r.get("seed") in baseline and key in r]
+
+
+def summary_rows(groups: dict[str, list[tuple[Path, dict[str, Any]]]], baseline: str | None = None
+                 ) -> list[dict[str, Any]]:
+    """Per label: the final test metric's mean, sample std, number and list of seeds, the mean reported 95% CI;
+    where runs select on validation, the test metric at the best validation evaluation too; and, beside a
+    baseline label, each reading's paired difference to it and the training compute (wall time of the training
+    steps, evaluations excluded) as a multiple of the baseline's on the same seed."""
+    base = {r.get("seed"): r for _, r in groups.get(baseline, [])} if baseline else {}
     rows = []
     for label, cells in groups.items():
-        metric = final_metric(cells[0][1])
-        values = [r[metric] for _, r in cells]
-        cis = [r["test_ci95"] for _, r in cells if "test_ci95" in r]
-        rows.append({
-            "method": label, "metric": metric, "n": len(values), "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "ci95": statistics.fmean(cis) if cis else None, "seeds": " ".join(str(r.get("seed", "")) for _, r in cells),
-        })
+        results = [r for _, r in cells]
+        metric = final_metric(results[0])
+        mean, std = mean_std([r[metric] for r in results])
+        cis = [r["test_ci95"] for r in results if "test_ci95" in r]
+        row: dict[str, Any] = {
+            "method": label, "metric": metric, "n": len(results), "mean": mean, "std": std,
+            "ci95": statistics.fmean(cis) if cis else None, "seeds": " ".join(str(r.get("seed", "")) for r in results),
+            "per_seed": " ".join(f"{r[metric]:.4f}" for r in results),
+        }
+        selected = f"{metric}_at_best_val"
+        if all(selected in r for r in results):
+            row["mean_at_best_val"], row["std_at_best_val"] = mean_std([r[selected] for r in results])
+            row["per_seed_at_best_val"] = " ".join(f"{r[selected]:.4f}" for r in results)
+            row["min_evaluations"] = min(r["evaluations"] for r in results)
+        row["train_time_s"] = statistics.fmean(r["wall_time_s"] for r in results) if all(
+            "wall_time_s" in r for r in results) else None
+        if base and label != baseline:
+            for reading, key in (("final", metric), ("at_best_val", selected)):
+                diffs = paired(results, base, key)
+                if diffs:
+                    row[f"diff_{reading}"], row[f"diff_{reading}_std"] = mean_std(diffs)
+            costs = paired_ratio(results, base, "wall_time_s")
+            if costs:
+                row["cost"] = statistics.fmean(costs)
+        rows.append(row)
     return rows
 
 
-def write_summary(out: Path, rows: list[dict[str, Any]], target: Path) -> None:
+def paired_ratio(results: list[dict[str, Any]], baseline: dict[int, dict[str, Any]], key: str) -> list[float]:
+    """Seed by seed, `key` of `results` over the baseline's."""
+    return [r[key] / baseline[r["seed"]][key] for r in results
+            if r.get("seed") in baseline and r.get(key) and baseline[r["seed"]].get(key)]
+
+
+def _plus_minus(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:+.4f} +- {row[key + '_std']:.4f}" if key in row else ""
+
+
+def summary_table(rows: list[dict[str, Any]], baseline: str | None) -> list[str]:
+    """The summary's main table: each reading's mean and std, the paired differences and the compute."""
+    lines = ["| method | metric | seeds (n) | final mean | std | at best val: mean | std "
+             f"| paired diff at best val{f' (vs {baseline})' if baseline else ''} | paired diff final "
+             "| training time (s) | compute x baseline | mean 95% CI |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        selected = (f"{r['mean_at_best_val']:.4f} | {r['std_at_best_val']:.4f}" if "mean_at_best_val" in r
+                    else " | ")
+        time = f"{r['train_time_s']:.1f}" if r.get("train_time_s") is not None else ""
+        cost = f"{r['cost']:.2f}" if "cost" in r else ("1.00 (baseline)" if r["method"] == baseline else "")
+        ci = f"+- {r['ci95']:.4f}" if r["ci95"] is not None else ""
+        lines.append(f"| {r['method']} | {r['metric']} | {r['n']} | {r['mean']:.4f} | {r['std']:.4f} | {selected} "
+                     f"| {_plus_minus(r, 'diff_at_best_val')} | {_plus_minus(r, 'diff_final')} | {time} | {cost} "
+                     f"| {ci} |")
+    return lines
+
+
+def per_seed_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Every seed's final and validation-selected test metric."""
+    lines = ["", "Per seed (final / at the best validation evaluation):", "", "| method | seeds | final "
+             "| at best val |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['seeds']} | {r['per_seed']} | {r.get('per_seed_at_best_val', '')} |")
+    return lines
+
+
+def write_summary(out: Path, rows: list[dict[str, Any]], target: Path, baseline: str | None = None) -> None:
     """summary.csv and summary.md of grid `out`'s `rows` in `target`; the latter also names the cells of those
     labels that have no results (diverged, stopped or still running), which the means leave out."""
+    fields = list(dict.fromkeys(key for row in rows for key in row))
     with (target / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     lines = []
@@ -240,10 +325,17 @@ def write_summary(out: Path, rows: list[dict[str, Any]], target: Path) -> None:
         scores = ", ".join(f"{v}: {'diverged' if m is None else f'{m:.4f}'}" for v, m in sweep["mean_val"].items())
         lines += [f"{sweep['baseline']} tuned over {sweep['key']} by the {sweep['criterion']} ({scores}): "
                   f"**{sweep['key']} = {sweep['chosen']}**; the other methods ran at that value.", ""]
-    lines += ["| method | metric | seeds (n) | mean | std | mean 95% CI |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        ci = f"+- {r['ci95']:.4f}" if r["ci95"] is not None else ""
-        lines.append(f"| {r['method']} | {r['metric']} | {r['n']} | {r['mean']:.4f} | {r['std']:.4f} | {ci} |")
+    ratios = grid_record(out).get("compute_ratios", {})
+    if ratios:
+        lines += ["Equal-compute cells ran at the measured training-time ratio of their reference to the baseline "
+                  "(steps and lr milestones scaled by it): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+                  + ". Read equal-compute verdicts from the validation-selected column.", ""]
+    lines += summary_table(rows, baseline)
+    lines += per_seed_table(rows)
+    sparse = [r["method"] for r in rows if r.get("min_evaluations", MIN_EVALUATIONS) < MIN_EVALUATIONS]
+    if sparse:
+        lines.append(f"\nToo few evaluations to select on validation (fewer than {MIN_EVALUATIONS} in a run): "
+                     f"{', '.join(sparse)}; lower train.eval_every")
     labels = {r["method"] for r in rows}
     unfinished = sorted(p.name for p in out.glob("*-seed*") if p.is_dir() and not (p / "results.json").exists()
                         and (target == out or p.name.rsplit("-seed", 1)[0] in labels))
@@ -296,41 +388,124 @@ def summarise(out: Path, labels: list[str] | None = None) -> list[dict[str, Any]
                                     f"{', '.join(groups)}")
         groups, target = {label: groups[label] for label in labels}, out / "selection"
         target.mkdir(exist_ok=True)
-    rows = summary_rows(groups)
-    write_summary(out, rows, target)
+    baseline = grid_baseline(out)
+    rows = summary_rows(groups, baseline if baseline in groups else None)
+    write_summary(out, rows, target, baseline if baseline in groups else None)
     for path in write_figures(target, groups, rows):
         print(f"[grid] wrote {path}")
     print((target / "summary.md").read_text())
     return rows
 
 
+def grid_record(out: Path) -> dict[str, Any]:
+    """<out>/grid.json: the baseline label and the compute ratios chosen so far ({} before the first run)."""
+    path = out / GRID_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_grid_record(out: Path, **values: Any) -> None:
+    write_text_atomic(out / GRID_FILE, json.dumps(grid_record(out) | values, indent=1))
+
+
+def grid_baseline(out: Path) -> str | None:
+    """The label the paired differences and compute ratios are taken against: the first method (after a sweep,
+    at its chosen value), as the run recorded it."""
+    if "baseline" in grid_record(out):
+        return grid_record(out)["baseline"]
+    if (out / SWEEP_FILE).is_file():
+        sweep = json.loads((out / SWEEP_FILE).read_text())
+        return f"{sweep['baseline']}@{sweep['key']}={sweep['chosen']}"
+    return None
+
+
+def mean_training_time(cells: list[Cell], out: Path) -> float | None:
+    """Mean training wall time (results.json's wall_time_s) of the finished `cells`; None when none finished."""
+    times = [json.loads(c.run_dir(out).results.read_text())["wall_time_s"] for c in cells
+             if c.run_dir(out).results.is_file()]
+    return statistics.fmean(times) if times else None
+
+
+def compute_ratio(reference: list[Cell], baseline: list[Cell], out: Path) -> float:
+    """The reference label's training compute over the baseline's, measured in this grid; recorded in grid.json
+    the first time, so that a resumed grid runs its equal-compute cells at the same budget."""
+    label = reference[0].label
+    ratios = grid_record(out).get("compute_ratios", {})
+    if label not in ratios:
+        numerator, denominator = mean_training_time(reference, out), mean_training_time(baseline, out)
+        if numerator is None or denominator is None:
+            raise RuntimeError(f"no finished cell of {label if numerator is None else baseline[0].label} to measure "
+                               f"the compute of {label} against; run those cells first")
+        update_grid_record(out, compute_ratios=ratios | {label: numerator / denominator})
+    return grid_record(out)["compute_ratios"][label]
+
+
+def at_compute(cell: Cell, ratio: float, baseline: Cell, out: Path) -> Cell:
+    """`cell` with its steps and lr milestones stretched by `ratio` from the baseline cell's resolved config."""
+    config = yaml.safe_load(baseline.run_dir(out).config.read_text())
+    steps = max(1, round(config["train"]["steps"] * ratio))
+    milestones = ",".join(str(round(m * ratio)) for m in config["optimizer"]["milestones"])
+    return replace(cell, sets=(*cell.sets, f"train.steps={steps}", f"optimizer.milestones=[{milestones}]"))
+
+
+def equal_compute_cells(cells: list[Cell], all_cells: list[Cell], baseline: list[Cell], out: Path) -> list[Cell]:
+    """The METHOD@compute=LABEL cells at the compute LABEL's finished cells measured (seed by seed, the same
+    baseline seed's config)."""
+    by_seed = {c.seed: c for c in baseline}
+    return [at_compute(c, compute_ratio([r for r in all_cells if r.label == c.compute_of], baseline, out),
+                       by_seed[c.seed], out) for c in cells]
+
+
+def check_references(cells: list[Cell]) -> None:
+    """Every METHOD@compute=LABEL names a label of the grid."""
+    labels = {c.label for c in cells}
+    for cell in cells:
+        if cell.compute_of is not None and cell.compute_of not in labels:
+            raise ValueError(f"{cell.label}: no label {cell.compute_of!r} in --methods to take the compute of; "
+                             f"labels: {', '.join(sorted(labels))}")
+
+
+def run_grid(args: argparse.Namespace) -> tuple[int, list[str]]:
+    """Run the sweep (if any), the grid's cells, then its equal-compute cells; (exit code, failed cells)."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    cells = grid_cells(args.config, args.methods, args.seeds)
+    check_references(cells)
+    baseline = method_cells(args.methods[0], args.config, args.seeds)
+    failed: list[str] = []
+    if args.sweep is not None:
+        key, values = args.sweep
+        swept = sweep_cells(baseline, key, values)
+        done = run_cells([c for group in swept.values() for c in group], args)
+        if any(code == 130 for _, code in done):
+            return 130, failed
+        failed += [cell.run_dir(args.out).path.name for cell, code in done if code != 0]
+        chosen = choose_swept_value(swept, key, args.out)
+        print(f"[grid] {key} = {chosen} chosen for {baseline[0].label} on validation", flush=True)
+        cells = [replace(c, sets=(f"{key}={chosen}", *c.sets)) for c in cells[len(baseline):]]
+        baseline = swept[chosen]
+    update_grid_record(args.out, baseline=baseline[0].label)
+    plain = [c for c in cells if c.compute_of is None]
+    for stage in (plain, [c for c in cells if c.compute_of is not None]):
+        if stage and stage[0].compute_of is not None:
+            stage = equal_compute_cells(stage, [*baseline, *plain], baseline, args.out)
+        done = run_cells(stage, args)
+        if any(code == 130 for _, code in done):
+            return 130, failed
+        failed += [cell.run_dir(args.out).path.name for cell, code in done if code != 0]
+    return 0, failed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    failed = []
+    failed: list[str] = []
     if not args.summary_only:
-        args.out.mkdir(parents=True, exist_ok=True)
-        cells = grid_cells(args.config, args.methods, args.seeds)
-        if args.sweep is not None:
-            key, values = args.sweep
-            baseline = method_cells(args.methods[0], args.config, args.seeds)
-            swept = sweep_cells(baseline, key, values)
-            done = run_cells([c for group in swept.values() for c in group], args)
-            if any(code == 130 for _, code in done):
-                print("[grid] interrupted; run the same command again to continue the grid", file=sys.stderr)
-                return 130
-            failed += [cell.run_dir(args.out).path.name for cell, code in done if code != 0]
-            try:
-                chosen = choose_swept_value(swept, key, args.out)
-            except RuntimeError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
-            print(f"[grid] {key} = {chosen} chosen for {baseline[0].label} on validation", flush=True)
-            cells = [replace(c, sets=(f"{key}={chosen}", *c.sets)) for c in cells[len(baseline):]]
-        done = run_cells(cells, args)
-        if any(code == 130 for _, code in done):
+        try:
+            code, failed = run_grid(args)
+        except (RuntimeError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if code == 130:
             print("[grid] interrupted; run the same command again to continue the grid", file=sys.stderr)
             return 130
-        failed += [cell.run_dir(args.out).path.name for cell, code in done if code != 0]
     try:
         summarise(args.out, args.labels)
     except FileNotFoundError as exc:

@@ -113,10 +113,12 @@ class MetaConfig:
     # where meta batches come from: the validation split, another training batch, or the step's own batch
     batch_source: Literal["validation", "train", "same"] = "same"
     loss_form: Literal["network", "residual"] = "residual"  # residual: task loss + network starting at zero
-    max_grad_ratio: float | None = 2.0  # bound on the step's output-gradient norm over the task loss's
+    # bound on the step's output-gradient norm over the task loss's; auto: 2.0 for adalfl, none for ml3 (as published)
+    max_grad_ratio: float | None | Literal["auto"] = "auto"
     # bound: the step's output-gradient norm is at most max_grad_ratio times the task loss's; match: exactly that
     grad_scale: Literal["bound", "match"] = "bound"
     clip_grad_norm: float | None = None  # clip the meta-gradient's norm
+    update_every: int = 1  # adalfl: update the loss at every k-th step; plain steps with the current loss between
 
     def __post_init__(self) -> None:
         require(self.lr > 0, f"meta.lr = {self.lr} must be positive")
@@ -124,10 +126,18 @@ class MetaConfig:
         require(self.reset_period >= 1, f"meta.reset_period = {self.reset_period} must be at least 1")
         for key in ("max_grad_ratio", "clip_grad_norm"):
             value = getattr(self, key)
-            require(value is None or value > 0, f"meta.{key} = {value} must be positive (or null for none)")
+            require(value in (None, "auto") or value > 0, f"meta.{key} = {value} must be positive (or null for none)")
+        require(self.update_every >= 1, f"meta.update_every = {self.update_every} must be at least 1")
         require(self.grad_scale == "bound" or self.max_grad_ratio is not None,
                 "meta.grad_scale = match sets the step's scale to meta.max_grad_ratio times the task loss's: "
                 "set meta.max_grad_ratio (1.0 keeps the task loss's scale)")
+
+
+    def grad_ratio(self, method: str) -> float | None:
+        """The step's gradient-norm bound for `method`: max_grad_ratio, with auto resolved (adalfl 2.0, ml3 none)."""
+        if self.max_grad_ratio == "auto":
+            return None if method == "ml3" and self.grad_scale == "bound" else 2.0
+        return self.max_grad_ratio
 
 
 @dataclass

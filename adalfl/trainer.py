@@ -56,6 +56,7 @@ from engine.nonfinite_guard import NonFiniteGuard
 from engine.rng import rng_state, seed_everything, set_rng_state, step_generator
 from engine.run_dir import RunDir, write_results, write_text_atomic
 from engine.run_estimate import DAY_S, StepTimer, format_duration, timed
+from engine.selection import best_validation, selection_summary
 from tasks.models import build_model
 from tasks.supervised import SupervisedTask, batch_indices, load_task
 
@@ -100,8 +101,9 @@ class SingleTaskTrainer:
             self.adaptive = AdaptiveLoss(
                 self.task.num_outputs, self.task.kind, hidden=config.loss_network.hidden,
                 beta=config.loss_network.beta, gamma=config.loss_network.gamma, form=config.meta.loss_form,
-                meta_lr=config.meta.lr, max_grad_ratio=config.meta.max_grad_ratio, meta_clip=config.meta.clip_grad_norm,
-                amp=self.amp, grad_scale=config.meta.grad_scale,
+                meta_lr=config.meta.lr, max_grad_ratio=config.meta.grad_ratio(config.method),
+                meta_clip=config.meta.clip_grad_norm, amp=self.amp, grad_scale=config.meta.grad_scale,
+                update_every=config.meta.update_every,
             ).to(self.device)
             self.loss_net = self.adaptive.loss
         self.search: TaylorGLOSearch | EvoMALSearch | None = None
@@ -119,6 +121,7 @@ class SingleTaskTrainer:
         self.wall_time = 0.0
         self.metric = "error" if self.task.kind == "classification" else "mse"
         self.guard = NonFiniteGuard()
+        self.meta_stats: StepStats | None = None  # the latest step that updated the loss (meta.update_every)
         self.bar: tqdm | None = None
         if self.world.rank:  # every rank built the same models; from here on each draws its own dropout masks
             seed_everything(config.seed + self.world.rank)
@@ -300,8 +303,9 @@ class SingleTaskTrainer:
         scalars = {"task_loss": stats.task_loss}
         if self.loss_net is not None:
             scalars["learned_loss"] = stats.train_loss
-        if stats.meta_loss is not None:
-            scalars["meta_loss"], scalars["meta_grad_norm"] = stats.meta_loss, stats.meta_grad_norm
+        meta = stats if stats.meta_loss is not None else self.meta_stats  # the latest loss update's
+        if meta is not None:
+            scalars["meta_loss"], scalars["meta_grad_norm"] = meta.meta_loss, meta.meta_grad_norm
         stacked = torch.stack([value.detach().float() for value in scalars.values()])
         all_reduce_mean_([stacked])
         values = dict(zip(scalars, stacked.tolist(), strict=True))
@@ -353,6 +357,8 @@ class SingleTaskTrainer:
                 record[f"{split}_{key}"] = value
                 writer.add_scalar(f"{split}/{key}", value, self.step)
         self.history.append(record)
+        writer.add_scalar(f"test/{self.metric}_at_best_val",
+                          best_validation(self.history, self.metric)[f"test_{self.metric}"], self.step)
         return record
 
     # ----- progress and the projected wall time ---------------------------------------------
@@ -425,7 +431,7 @@ class SingleTaskTrainer:
                 model, optimizer, _ = self.init_model
                 batch = self._batch("train", self.init_step, INIT_TRAIN_STREAM)
                 stats = self.adaptive.step(model, optimizer, batch, self._meta_batch(batch, self.init_step,
-                                                                                    INIT_META_STREAM))
+                                                                                    INIT_META_STREAM), adapt=True)
                 self.guard.record(stats.finite, self.init_step)
                 self.init_step += 1
                 self.wall_time += time.perf_counter() - started
@@ -555,8 +561,12 @@ class SingleTaskTrainer:
                 started = time.perf_counter()
                 batch = self._batch("train", self.step, TRAIN_STREAM)
                 if self.adaptive is not None:
-                    stats = self.adaptive.step(self.model, self.optimizer, batch,
-                                               self._meta_batch(batch, self.step, META_STREAM), adapt=adapt)
+                    meta_batch = (self._meta_batch(batch, self.step, META_STREAM)
+                                  if adapt and self.adaptive.update_due else None)
+                    stats = self.adaptive.step(self.model, self.optimizer, batch, meta_batch,
+                                               adapt=None if adapt else False)
+                    if stats.meta_loss is not None:
+                        self.meta_stats = stats
                 else:
                     stats = online_step(self.model, loss_fn, self.optimizer, batch, self.task_loss, amp=self.amp)
                 self.guard.record(stats.finite, self.step)
@@ -593,7 +603,8 @@ class SingleTaskTrainer:
         if self.learns_loss:
             meta = cfg.meta
             values |= {"meta_lr": meta.lr, "init_steps": meta.init_steps, "loss_form": meta.loss_form,
-                       "batch_source": meta.batch_source, "max_grad_ratio": meta.max_grad_ratio,
+                       "batch_source": meta.batch_source, "max_grad_ratio": meta.grad_ratio(cfg.method),
+                       "update_every": meta.update_every,
                        "grad_scale": meta.grad_scale}
         return values
 
@@ -605,6 +616,7 @@ class SingleTaskTrainer:
             "steps": self.step, "init_steps": self.init_step if self.learns_loss else 0,
             "world_size": self.world.size, "per_rank_batch_size": cfg.train.batch_size // self.world.size,
             f"test_{self.metric}": final[f"test_{self.metric}"], f"val_{self.metric}": final[f"val_{self.metric}"],
+            **selection_summary(self.history, self.metric),
             "test_loss": final["test_loss"], "wall_time_s": round(self.wall_time, 3), "history": self.history,
             "readouts": self.readouts, "init_readouts": self.init_readouts,
             **({"taylorglo_theta": self.search.best_theta} if isinstance(self.search, TaylorGLOSearch) else {}),
@@ -637,9 +649,13 @@ def train(config: SingleTaskConfig, run: RunDir, data_root: Path, resume: bool) 
         return results
     metric = trainer.metric
     log_hparams(run.events, trainer.hparams(), {f"hparams/test_{metric}": results[f"test_{metric}"],
-                                                f"hparams/val_{metric}": results[f"val_{metric}"]})
+                                                f"hparams/val_{metric}": results[f"val_{metric}"],
+                                                f"hparams/test_{metric}_at_best_val":
+                                                    results[f"test_{metric}_at_best_val"]})
     if trainer.loss_shapes:
         write_text_atomic(run.path / "loss_shapes.json", json.dumps(trainer.loss_shapes))
     write_results(run, results)
-    print(f"{config.method}: test {trainer.metric} {results[f'test_{trainer.metric}']:.4f}; results in {run.results}")
+    print(f"{config.method}: test {metric} {results[f'test_{metric}']:.4f} (final), "
+          f"{results[f'test_{metric}_at_best_val']:.4f} at the best validation {metric} (step "
+          f"{results['best_val_step']}); results in {run.results}")
     return results

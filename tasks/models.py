@@ -23,8 +23,20 @@ def linear(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_outputs))
 
 
-def mlp(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
-    """A multilayer perceptron on the flattened input: two ReLU hidden layers of MLP_WIDTH units."""
+def _xavier_uniform(model: nn.Module) -> nn.Module:
+    """The authors' initialisation: Xavier-uniform weights on every convolution and linear layer, zero biases on
+    the linear layers (convolution biases keep PyTorch's default)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(module.weight)
+        if isinstance(module, nn.Linear):
+            nn.init.zeros_(module.bias)
+    return model
+
+
+def mlp_torch_init(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    """A multilayer perceptron on the flattened input: two ReLU hidden layers of MLP_WIDTH units, PyTorch's
+    default initialisation."""
     return nn.Sequential(
         nn.Flatten(),
         nn.Linear(math.prod(input_shape), MLP_WIDTH),
@@ -35,12 +47,22 @@ def mlp(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     )
 
 
-def lenet5(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
-    """LeNet-5 (LeCun et al., 1998) with ReLU and max-pooling; inputs smaller than 32x32 are zero-padded
-    up to LeNet's 32x32 by the first convolution (2 pixels for MNIST)."""
+def mlp(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    """The authors' MLP (Decadz/Evolved-Model-Agnostic-Loss, models/mlp.py): `mlp_torch_init`'s layers with
+    Xavier-uniform weights and zero biases."""
+    return _xavier_uniform(mlp_torch_init(input_shape, num_outputs))
+
+
+def _lenet5_size(size: int, pad: int) -> int:
+    """Height or width after LeNet-5's two 5x5 convolutions (the first padded by `pad`) and 2x2 poolings."""
+    return ((size + 2 * pad - 4) // 2 - 4) // 2
+
+
+def lenet5_relu(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    """LeNet-5 with ReLU and max-pooling, PyTorch's default initialisation; inputs smaller than 32x32 are
+    zero-padded up to LeNet's 32x32 by the first convolution (2 pixels for MNIST)."""
     channels, height, width = input_shape
     pad = max(0, (32 - min(height, width)) // 2)
-    height, width = ((height + 2 * pad - 4) // 2 - 4) // 2, ((width + 2 * pad - 4) // 2 - 4) // 2
     return nn.Sequential(
         nn.Conv2d(channels, 6, 5, padding=pad),
         nn.ReLU(),
@@ -49,12 +71,33 @@ def lenet5(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(16 * height * width, 120),
+        nn.Linear(16 * _lenet5_size(height, pad) * _lenet5_size(width, pad), 120),
         nn.ReLU(),
         nn.Linear(120, 84),
         nn.ReLU(),
         nn.Linear(84, num_outputs),
     )
+
+
+def lenet5(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    """The authors' LeNet-5 (LeCun et al., 1998; Decadz/Evolved-Model-Agnostic-Loss, models/lenet5.py): tanh and
+    2x2 average pooling, unpadded 5x5 convolutions (MNIST's 28x28 reaches 4x4, CIFAR's 32x32 5x5), Xavier-uniform
+    weights and zero linear biases. It returns logits; the authors' softmax is the loss's (the same function)."""
+    channels, height, width = input_shape
+    return _xavier_uniform(nn.Sequential(
+        nn.Conv2d(channels, 6, 5),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * _lenet5_size(height, 0) * _lenet5_size(width, 0), 120),
+        nn.Tanh(),
+        nn.Linear(120, 84),
+        nn.Tanh(),
+        nn.Linear(84, num_outputs),
+    ))
 
 
 def allcnnc(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
@@ -179,8 +222,10 @@ MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
     "resnet18": resnet18,
     "wrn16_8": wrn16_8,
     "wrn28_10": wrn28_10,
+    "mlp_torch_init": mlp_torch_init,  # this project's MLP and LeNet-5 before they became the authors' (README)
+    "lenet5_relu": lenet5_relu,
 }
-FLAT_INPUT_MODELS = frozenset({"linear", "mlp"})
+FLAT_INPUT_MODELS = frozenset({"linear", "mlp", "mlp_torch_init"})
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
