@@ -41,6 +41,7 @@ import yaml
 
 import train
 from adalfl import figures
+from engine.errors import ConfigError
 from engine.run_dir import RunDir, write_text_atomic
 from engine.selection import MIN_EVALUATIONS_TO_SELECT as MIN_EVALUATIONS
 
@@ -260,14 +261,14 @@ def summary_rows(groups: dict[str, list[tuple[Path, dict[str, Any]]]], baseline:
             row["mean_at_best_val"], row["std_at_best_val"] = mean_std([r[selected] for r in results])
             row["per_seed_at_best_val"] = " ".join(f"{r[selected]:.4f}" for r in results)
             row["min_evaluations"] = min(r["evaluations"] for r in results)
-        row["train_time_s"] = statistics.fmean(r["wall_time_s"] for r in results) if all(
-            "wall_time_s" in r for r in results) else None
+        row["compute_s"] = statistics.fmean(r["compute_s"] for r in results) if all(
+            "compute_s" in r for r in results) else None
         if base and label != baseline:
             for reading, key in (("final", metric), ("at_best_val", selected)):
                 diffs = paired(results, base, key)
                 if diffs:
                     row[f"diff_{reading}"], row[f"diff_{reading}_std"] = mean_std(diffs)
-            costs = paired_ratio(results, base, "wall_time_s")
+            costs = paired_ratio(results, base, "compute_s")
             if costs:
                 row["cost"] = statistics.fmean(costs)
         rows.append(row)
@@ -288,12 +289,12 @@ def summary_table(rows: list[dict[str, Any]], baseline: str | None) -> list[str]
     """The summary's main table: each reading's mean and std, the paired differences and the compute."""
     lines = ["| method | metric | seeds (n) | final mean | std | at best val: mean | std "
              f"| paired diff at best val{f' (vs {baseline})' if baseline else ''} | paired diff final "
-             "| training time (s) | compute x baseline | mean 95% CI |",
+             "| training compute (s) | compute x baseline | mean 95% CI |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         selected = (f"{r['mean_at_best_val']:.4f} | {r['std_at_best_val']:.4f}" if "mean_at_best_val" in r
                     else " | ")
-        time = f"{r['train_time_s']:.1f}" if r.get("train_time_s") is not None else ""
+        time = f"{r['compute_s']:.1f}" if r.get("compute_s") is not None else ""
         cost = f"{r['cost']:.2f}" if "cost" in r else ("1.00 (baseline)" if r["method"] == baseline else "")
         ci = f"+- {r['ci95']:.4f}" if r["ci95"] is not None else ""
         lines.append(f"| {r['method']} | {r['metric']} | {r['n']} | {r['mean']:.4f} | {r['std']:.4f} | {selected} "
@@ -327,7 +328,7 @@ def write_summary(out: Path, rows: list[dict[str, Any]], target: Path, baseline:
                   f"**{sweep['key']} = {sweep['chosen']}**; the other methods ran at that value.", ""]
     ratios = grid_record(out).get("compute_ratios", {})
     if ratios:
-        lines += ["Equal-compute cells ran at the measured training-time ratio of their reference to the baseline "
+        lines += ["Equal-compute cells ran at the measured training-compute ratio of their reference to the baseline "
                   "(steps and lr milestones scaled by it): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
                   + ". Read equal-compute verdicts from the validation-selected column.", ""]
     lines += summary_table(rows, baseline)
@@ -419,8 +420,8 @@ def grid_baseline(out: Path) -> str | None:
 
 
 def mean_training_time(cells: list[Cell], out: Path) -> float | None:
-    """Mean training wall time (results.json's wall_time_s) of the finished `cells`; None when none finished."""
-    times = [json.loads(c.run_dir(out).results.read_text())["wall_time_s"] for c in cells
+    """Mean training compute (results.json's compute_s) of the finished `cells`; None when none finished."""
+    times = [json.loads(c.run_dir(out).results.read_text())["compute_s"] for c in cells
              if c.run_dir(out).results.is_file()]
     return statistics.fmean(times) if times else None
 
@@ -460,7 +461,7 @@ def check_references(cells: list[Cell]) -> None:
     labels = {c.label for c in cells}
     for cell in cells:
         if cell.compute_of is not None and cell.compute_of not in labels:
-            raise ValueError(f"{cell.label}: no label {cell.compute_of!r} in --methods to take the compute of; "
+            raise ConfigError(f"{cell.label}: no label {cell.compute_of!r} in --methods to take the compute of; "
                              f"labels: {', '.join(sorted(labels))}")
 
 
@@ -500,7 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.summary_only:
         try:
             code, failed = run_grid(args)
-        except (RuntimeError, ValueError) as exc:
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         if code == 130:

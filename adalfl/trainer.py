@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from adalfl.online_step import Batch, LossFn, StepStats, online_step
 from adalfl.sparse_lsr import sparse_label_smoothing
 from adalfl.taylorglo import TaylorGLOLoss, TaylorGLOSearch
 from engine.checkpoint import load_checkpoint, restoring, save_checkpoint
+from engine.compute_clock import ComputeClock
 from engine.device import resolve_device
 from engine.distributed import (
     EventWriter,
@@ -118,7 +118,7 @@ class SingleTaskTrainer:
         self.loss_shapes: list[dict[str, Any]] = []
         self.readouts: list[dict[str, float]] = []
         self.init_readouts: list[dict[str, float]] = []  # phase 1's, at log.scalars_every
-        self.wall_time = 0.0
+        self.clock = ComputeClock()  # training steps only
         self.metric = "error" if self.task.kind == "classification" else "mse"
         self.guard = NonFiniteGuard()
         self.meta_stats: StepStats | None = None  # the latest step that updated the loss (meta.update_every)
@@ -246,7 +246,7 @@ class SingleTaskTrainer:
         state = {
             "step": self.step, "init_step": self.init_step, "history": self.history,
             "loss_shapes": self.loss_shapes, "readouts": self.readouts, "init_readouts": self.init_readouts,
-            "wall_time": self.wall_time, "world_size": self.world.size,
+            "clock": self.clock.state_dict(), "world_size": self.world.size,
             "rng": gather_objects(rng_state()), "search": self.search,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -260,7 +260,8 @@ class SingleTaskTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.init_step = state["step"], state["init_step"]
-        self.history, self.loss_shapes, self.wall_time = state["history"], state["loss_shapes"], state["wall_time"]
+        self.history, self.loss_shapes = state["history"], state["loss_shapes"]
+        self.clock.load_state_dict(state["clock"])
         self.readouts, self.init_readouts, self.search = state["readouts"], state["init_readouts"], state["search"]
         if self.search is not None and self.search.generation == self.search_generations:
             self._use_searched_loss()
@@ -425,7 +426,7 @@ class SingleTaskTrainer:
         timer = StepTimer(self.device, self._report_estimate("phase 1"))
         try:
             while self.init_step < meta.init_steps:
-                started = time.perf_counter()
+                self.clock.start()
                 if self.init_model is None or self.init_step % meta.reset_period == 0:
                     self.init_model = self._fresh_base(stream=1 + self.init_step)
                 model, optimizer, _ = self.init_model
@@ -434,7 +435,7 @@ class SingleTaskTrainer:
                                                                                     INIT_META_STREAM), adapt=True)
                 self.guard.record(stats.finite, self.init_step)
                 self.init_step += 1
-                self.wall_time += time.perf_counter() - started
+                self.clock.stop()
                 if self.init_step % self.config.log.scalars_every == 0:
                     values = self._log_step(writer, "init", self.init_step, stats)
                     self._log_init_readouts(writer, self._batch("train", self.init_step - 1, INIT_TRAIN_STREAM,
@@ -522,9 +523,9 @@ class SingleTaskTrainer:
                    unit="generation", dynamic_ncols=True, disable=not self.world.is_main)
         try:
             while self.search.generation < generations:
-                started = time.perf_counter()
+                self.clock.start()
                 record = self.search.step(fitness)
-                self.wall_time += time.perf_counter() - started
+                self.clock.stop()
                 for key in ("best", "median", "best_so_far"):
                     writer.add_scalar(f"{method}/{key}_val_{self.metric}", record[key], record["generation"])
                 if self.world.is_main:
@@ -558,7 +559,7 @@ class SingleTaskTrainer:
             if self.step == 0 and self.loss_net is not None:
                 self._log_loss_shape(writer, "online", 0)
             while self.step < cfg.train.steps:
-                started = time.perf_counter()
+                self.clock.start()
                 batch = self._batch("train", self.step, TRAIN_STREAM)
                 if self.adaptive is not None:
                     meta_batch = (self._meta_batch(batch, self.step, META_STREAM)
@@ -572,7 +573,7 @@ class SingleTaskTrainer:
                 self.guard.record(stats.finite, self.step)
                 self.scheduler.step()
                 self.step += 1
-                self.wall_time += time.perf_counter() - started
+                self.clock.stop()
                 if self.step % cfg.log.scalars_every == 0:
                     values = self._log_step(writer, "train", self.step, stats)
                     writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
@@ -617,7 +618,9 @@ class SingleTaskTrainer:
             "world_size": self.world.size, "per_rank_batch_size": cfg.train.batch_size // self.world.size,
             f"test_{self.metric}": final[f"test_{self.metric}"], f"val_{self.metric}": final[f"val_{self.metric}"],
             **selection_summary(self.history, self.metric),
-            "test_loss": final["test_loss"], "wall_time_s": round(self.wall_time, 3), "history": self.history,
+            "test_loss": final["test_loss"], "wall_time_s": round(self.clock.wall, 3),
+            "cpu_time_s": round(self.clock.cpu, 3), "compute_s": round(self.clock.seconds(self.device), 3),
+            "history": self.history,
             "readouts": self.readouts, "init_readouts": self.init_readouts,
             **({"taylorglo_theta": self.search.best_theta} if isinstance(self.search, TaylorGLOSearch) else {}),
             **({"evomal_expression": self.loss_net.formula(), "evomal_tree": str(self.loss_net.tree)}

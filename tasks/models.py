@@ -84,6 +84,9 @@ def lenet5(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     2x2 average pooling, unpadded 5x5 convolutions (MNIST's 28x28 reaches 4x4, CIFAR's 32x32 5x5), Xavier-uniform
     weights and zero linear biases. It returns logits; the authors' softmax is the loss's (the same function)."""
     channels, height, width = input_shape
+    if min(height, width) < 16:
+        raise ConfigError(f"model 'lenet5' needs images of at least 16x16 (its 5x5 convolutions are unpadded); these "
+                          f"are {height}x{width}: use 'lenet5_relu', which pads them")
     return _xavier_uniform(nn.Sequential(
         nn.Conv2d(channels, 6, 5),
         nn.Tanh(),

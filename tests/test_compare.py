@@ -173,3 +173,38 @@ def test_every_label_of_a_figure_gets_its_own_colour() -> None:
     assert colours["adalfl"] == COLOURS["adalfl"] and len(set(map(str, colours.values()))) == len(labels)
     many = [f"variant{i}" for i in range(60)]  # more labels than distinct colours: still one colour each
     assert len(set(map(str, label_colours(many).values()))) == 53 and set(label_colours(many)) == set(many)
+
+
+def test_a_baseline_at_another_methods_compute_runs_its_measured_budget_and_both_readings_are_summarised(
+        tmp_path, shared_data, capsys) -> None:
+    out = tmp_path / "grid"
+    methods = ["mse", "adalfl_k2=adalfl,meta.update_every=2", "mse@compute=adalfl_k2"]
+    sets = [arg for s in [*TINY, "optimizer.milestones=[6]"] for arg in ("--set", s)]
+    assert compare.main(["--config", "configs/adalfl_california.yaml", "--methods", *methods, "--seeds", "0", "1",
+                         "--out", str(out), "--data-root", str(shared_data), *sets]) == 0
+    ratio = json.loads((out / "grid.json").read_text())["compute_ratios"]["adalfl_k2"]
+    times = {label: [json.loads((out / f"{label}-seed{s}" / "results.json").read_text())["compute_s"]
+                     for s in (0, 1)] for label in ("mse", "adalfl_k2")}
+    assert ratio == pytest.approx(sum(times["adalfl_k2"]) / sum(times["mse"]))
+    config = (out / "mse@compute=adalfl_k2-seed1" / "config.yaml").read_text()
+    assert f"steps: {round(12 * ratio)}\n" in config and f"- {round(6 * ratio)}\n" in config
+    results = json.loads((out / "mse@compute=adalfl_k2-seed1" / "results.json").read_text())
+    assert results["method"] == "mse" and results["steps"] == round(12 * ratio)
+
+    summary = read_summary(out)
+    assert json.loads((out / "grid.json").read_text())["baseline"] == "mse"
+    row = summary["mse@compute=adalfl_k2"]
+    finals = [json.loads((out / f"mse@compute=adalfl_k2-seed{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert row["per_seed_at_best_val"] == " ".join(f"{r['test_mse_at_best_val']:.4f}" for r in finals)
+    assert row["per_seed"] == " ".join(f"{r['test_mse']:.4f}" for r in finals)
+    base = [json.loads((out / f"mse-seed{s}" / "results.json").read_text()) for s in (0, 1)]
+    diffs = [f["test_mse_at_best_val"] - b["test_mse_at_best_val"] for f, b in zip(finals, base, strict=True)]
+    assert float(row["diff_at_best_val"]) == pytest.approx(sum(diffs) / 2)
+    assert float(summary["adalfl_k2"]["cost"]) > 1.0
+    text = (out / "summary.md").read_text()
+    assert "at best val: mean" in text and "Per seed (final / at the best validation evaluation)" in text
+    assert "Too few evaluations to select on validation" in text  # 2 evaluations a run
+
+    expect_error(capsys, compare.main(["--config", "configs/adalfl_california.yaml", "--methods", "mse",
+                                       "mse@compute=adalfl", "--out", str(tmp_path / "bad")]),
+                 "no label 'adalfl' in --methods")

@@ -37,12 +37,13 @@ def test_wrn28_10_forward_on_a_tiny_batch() -> None:
 @pytest.mark.parametrize("name", LIGHT)
 def test_forward_mode_jvp_through_the_model(name) -> None:
     """The trainer pushes tangents through the model with torch.func.jvp (batch norm on batch statistics).
-    Small 12x12 images keep it fast: the models pool adaptively."""
+    Small 12x12 images keep it fast: the models pool adaptively (the authors' unpadded LeNet-5 takes MNIST's)."""
     torch.manual_seed(0)
-    model = build_model(name, SMALL, 10)
+    shape = MNIST if name == "lenet5" else SMALL
+    model = build_model(name, shape, 10)
     replace_all_batch_norm_modules_(model)
     model.eval()  # a fixed dropout mask; batch norm still uses batch statistics after the replacement
-    x = torch.randn(2, *SMALL)
+    x = torch.randn(2, *shape)
     params = {k: v.detach() for k, v in model.named_parameters()}
     tangents = {k: torch.randn_like(v) for k, v in params.items()}
     out, tangent_out = jvp(lambda p: functional_call(model, p, (x,)), (params,), (tangents,))
@@ -60,3 +61,31 @@ def test_unknown_model_and_image_model_on_flat_inputs_are_config_errors() -> Non
         build_model("resnet50", CIFAR, 10)
     with pytest.raises(ConfigError, match="needs image inputs"):
         build_model("lenet5", TABULAR, 1)
+    with pytest.raises(ConfigError, match="at least 16x16.*use 'lenet5_relu'"):
+        build_model("lenet5", SMALL, 10)
+
+
+@pytest.mark.parametrize(("shape", "flat"), [(MNIST, 16 * 4 * 4), (CIFAR, 16 * 5 * 5)])
+def test_lenet5_is_the_authors_tanh_average_pooling_net_with_xavier_weights(shape, flat) -> None:
+    torch.manual_seed(0)
+    model = build_model("lenet5", shape, 10)
+    kinds = [type(m).__name__ for m in model]
+    assert kinds.count("Tanh") == 4 and kinds.count("AvgPool2d") == 2 and "ReLU" not in kinds
+    convs = [m for m in model if isinstance(m, torch.nn.Conv2d)]
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    assert all(c.padding == (0, 0) for c in convs) and linears[0].in_features == flat
+    for layer in convs + linears:  # Xavier-uniform: |w| <= sqrt(6 / (fan_in + fan_out))
+        fan_in, fan_out = layer.weight[0].numel(), layer.weight.shape[0] * layer.weight[0, 0].numel()
+        assert layer.weight.abs().max() <= (6 / (fan_in + fan_out)) ** 0.5
+    assert all((layer.bias == 0).all() for layer in linears)
+    assert not all((conv.bias == 0).all() for conv in convs)  # the authors keep PyTorch's conv biases
+
+
+def test_mlp_is_the_authors_xavier_mlp_and_the_torch_init_one_keeps_its_name() -> None:
+    torch.manual_seed(0)
+    authors, torch_init = build_model("mlp", TABULAR, 1), build_model("mlp_torch_init", TABULAR, 1)
+    for ours, theirs in zip(authors.parameters(), torch_init.parameters(), strict=True):
+        assert ours.shape == theirs.shape
+    first = authors[1]
+    assert (first.bias == 0).all() and first.weight.abs().max() <= (6 / (10 + 1000)) ** 0.5
+    assert not (torch_init[1].bias == 0).all()

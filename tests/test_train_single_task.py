@@ -84,9 +84,11 @@ class StopAfter(StopRequest):
         pass
 
 
-@pytest.mark.parametrize("stop_at", [3, 15], ids=["in-phase-1", "in-phase-2"])
-def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, shared_data, monkeypatch, stop_at) -> None:
-    args = [*QUICK, "--set", "model.name=mlp"]
+@pytest.mark.parametrize(("stop_at", "update_every"), [(3, 1), (15, 1), (15, 4)],
+                         ids=["in-phase-1", "in-phase-2", "in-phase-2-loss-every-4th-step"])
+def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, shared_data, monkeypatch, stop_at,
+                                                              update_every) -> None:
+    args = [*QUICK, "--set", "model.name=mlp", "--set", f"meta.update_every={update_every}"]
     assert run_train(tmp_path, shared_data, "adalfl_california", "whole", *args) == 0
 
     monkeypatch.setattr(adalfl.trainer, "StopRequest", StopAfter)
@@ -99,7 +101,8 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, shared_d
     whole = json.loads((tmp_path / "whole" / "results.json").read_text())
     split = json.loads((tmp_path / "split" / "results.json").read_text())
     assert split["history"] == whole["history"]
-    assert split["test_mse"] == whole["test_mse"]
+    for key in ("test_mse", "best_val_step", "test_mse_at_best_val"):
+        assert split[key] == whole[key]
 
 
 def expect_error(capsys, code: int, *fragments: str) -> None:
@@ -245,3 +248,18 @@ def test_a_short_run_projects_minutes_and_gives_no_advice(tmp_path, shared_data,
     text = "".join(capsys.readouterr())
     assert "estimate on cpu: phase 1 ~" in text and "phase 2 (at phase 1's step cost) ~" in text
     assert "more than a day" not in text
+
+
+def test_a_run_that_overfits_reports_the_test_metric_at_its_best_validation_evaluation(tmp_path, shared_data) -> None:
+    """2 % of California Housing for training, 600 steps: validation error turns up, and the run keeps the test
+    metric at its best validation evaluation (the checkpoint a practitioner keeps) beside the final one."""
+    args = ["--set", "train.steps=600", "--set", "train.eval_every=50", "--set", "data.val_fraction=0.98",
+            "--set", "optimizer.lr=0.03", "--set", "train.batch_size=32", "--set", "device=cpu"]
+    assert run_train(tmp_path, shared_data, "mse_california", "overfit", *args) == 0
+    results = json.loads((tmp_path / "overfit" / "results.json").read_text())
+    history = results["history"]
+    best = min(history, key=lambda h: h["val_mse"])
+    assert results["evaluations"] == 12 and results["best_val_step"] == best["step"] < 600
+    assert results["best_val_mse"] == best["val_mse"] and results["test_mse_at_best_val"] == best["test_mse"]
+    assert results["test_mse_at_best_val"] < results["test_mse"] - 0.02
+    assert "test/mse_at_best_val" in scalar_tags(tmp_path / "overfit" / "tensorboard")
