@@ -142,8 +142,8 @@ def cell_arguments(cell: Cell, out: Path, overrides: list[str], data_root: str |
     """train.py's arguments for `cell`: resume a started cell, else start it."""
     run = cell.run_dir(out)
     data = ["--data-root", data_root] if data_root else []
-    if run.checkpoint.is_file():
-        return ["--resume", str(run.path), *data]
+    if run.checkpoint.is_file():  # a lock left by a killed cell is taken over; a running one's is not
+        return ["--resume", str(run.path), "--take-over", *data]
     sets = [f"name={run.path.name}", f"seed={cell.seed}", *overrides, *cell.sets]  # the cell's own settings win
     return ["--config", str(cell.config), "--runs-root", str(out), *data,
             *(arg for s in sets for arg in ("--set", s))]

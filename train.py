@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--data-root", help="folder holding the data sets (default: $META_DATA_ROOT, then ./data)")
     parser.add_argument("--runs-root", type=Path, default=Path("runs"), help="where run folders go")
+    parser.add_argument("--take-over", action="store_true",
+                        help="with --resume: remove the lock a killed run left (never a running one's)")
     args = parser.parse_args(argv)
     if (args.config is None) == (args.resume is None):
         parser.error("give exactly one of --config (a new run) or --resume (an existing run folder)")
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides=args.overrides,
             data_root=args.data_root,
             runs_root=args.runs_root,
+            take_over=args.take_over,
         )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -120,7 +120,9 @@ class SingleTaskTrainer:
         self.init_readouts: list[dict[str, float]] = []  # phase 1's, at log.scalars_every
         self.clock = ComputeClock()  # training steps only
         self.metric = "error" if self.task.kind == "classification" else "mse"
-        self.guard = NonFiniteGuard()
+        # the message names the phase where there are two: phase 1's offline meta steps, phase 2's steps
+        self.init_guard = NonFiniteGuard("phase-1 meta step")
+        self.guard = NonFiniteGuard("phase-2 step" if self.learns_loss else "step")
         self.meta_stats: StepStats | None = None  # the latest step that updated the loss (meta.update_every)
         self.bar: tqdm | None = None
         if self.world.rank:  # every rank built the same models; from here on each draws its own dropout masks
@@ -177,7 +179,8 @@ class SingleTaskTrainer:
 
     def check_finite(self) -> None:
         """Raise NonFiniteError if a step since the start recorded a non-finite loss or meta-gradient."""
-        self.guard.check("the training loss or the learned loss's meta-gradient", self.advice())
+        for guard in (self.init_guard, self.guard):
+            guard.check("the training loss or the learned loss's meta-gradient", self.advice())
 
     # ----- building blocks -------------------------------------------------------------------
     def _fresh_base(self, stream: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -433,7 +436,7 @@ class SingleTaskTrainer:
                 batch = self._batch("train", self.init_step, INIT_TRAIN_STREAM)
                 stats = self.adaptive.step(model, optimizer, batch, self._meta_batch(batch, self.init_step,
                                                                                     INIT_META_STREAM), adapt=True)
-                self.guard.record(stats.finite, self.init_step)
+                self.init_guard.record(stats.finite, self.init_step)
                 self.init_step += 1
                 self.clock.stop()
                 if self.init_step % self.config.log.scalars_every == 0:

@@ -1,13 +1,15 @@
-"""Cost of one AdaLFL online step against one bare cross-entropy step, measured side by side.
+"""Cost of AdaLFL's online step against one bare cross-entropy step, measured side by side.
 
     .venv/bin/python bench/bench_online_step.py [--repeats 10] [--device cpu|cuda]
 
 The baseline is the bare PyTorch step (zero_grad, forward, cross-entropy, backward, optimizer.step) with no
 project code around it; the AdaLFL step is `AdaptiveLoss.step` with the same optimizer (SGD with Nesterov
-momentum, or Adam), meta batch = the training batch (the default). Prints, per model and optimizer at
-batch 128: median step time of each, their ratio (targets: SGD <= 3.0, Adam <= 2.7) and the peak tensor
-memory of one step of each and its ratio (target <= 2.5). CPU memory comes from the PyTorch profiler's
-memory timeline, GPU memory from torch.cuda.max_memory_allocated.
+momentum, or Adam), meta batch = the training batch (the default), the loss updated at every step (k = 1) or at
+every k-th (`update_every`, k = 4 and 16: the mean step time over k consecutive steps). Prints, per model and
+optimizer at batch 128: the median step time of each, each ratio to the bare step (targets: k = 1 SGD <= 3.0,
+Adam <= 2.7; k = 4 <= 1.7; k = 16 <= 1.3) and the peak tensor memory of each (over k steps) and its ratio
+(target <= 2.5). CPU memory comes from the PyTorch profiler's memory timeline, GPU memory from
+torch.cuda.max_memory_allocated. All kinds run interleaved, so that they see the same machine state.
 """
 
 from __future__ import annotations
@@ -31,16 +33,27 @@ OPTIMIZERS = {
 }
 
 
-def make_step(name: str, shape: tuple[int, ...], optimizer_name: str, adaptive: bool, device: torch.device,
+UPDATE_EVERY = {"adalfl": 1, "k=4": 4, "k=16": 16}  # AdaLFL kinds: the loss updated at every k-th step
+KINDS = ("ce", *UPDATE_EVERY)
+
+
+def make_step(name: str, shape: tuple[int, ...], optimizer_name: str, kind: str, device: torch.device,
               batch: int):
-    """A closure running one training step of a fresh model: the bare CE step or AdaLFL's."""
+    """A closure running one block of training steps of a fresh model: one bare CE step, or k AdaLFL steps
+    with the loss updated at the first (k = 1: every step)."""
     torch.manual_seed(0)
     model = build_model(name, shape, 10).to(device)
     optimizer = OPTIMIZERS[optimizer_name][0](model.parameters())
     x, y = torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device)
-    if adaptive:
-        loss = AdaptiveLoss(num_outputs=10).to(device)
-        return lambda: loss.step(model, optimizer, (x, y))
+    if kind in UPDATE_EVERY:
+        k = UPDATE_EVERY[kind]
+        loss = AdaptiveLoss(num_outputs=10, update_every=k).to(device)
+
+        def adalfl() -> None:
+            for _ in range(k):
+                loss.step(model, optimizer, (x, y))
+
+        return adalfl
 
     def bare() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -77,29 +90,34 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device: {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | batch {args.batch}")
-    print("| model | optimizer | CE step (ms) | AdaLFL step (ms) | time ratio (target) | CE peak (MB) "
-          "| AdaLFL peak (MB) | memory ratio (<= 2.5) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | optimizer | CE step (ms) | AdaLFL step (ms), k = 1 / 4 / 16 | time ratio k = 1 (target) "
+          "| k = 4 (<= 1.7) | k = 16 (<= 1.3) | CE peak (MB) | AdaLFL peak (MB), k = 1 / 4 / 16 "
+          "| memory ratio (<= 2.5) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, shape in CASES:
         for optimizer_name, (_, target) in OPTIMIZERS.items():
-            steps = {kind: make_step(name, shape, optimizer_name, kind == "adalfl", device, args.batch)
-                     for kind in ("ce", "adalfl")}
-            times: dict[str, list[float]] = {"ce": [], "adalfl": []}
-            for kind in ("ce", "adalfl"):
-                for _ in range(3):
+            steps = {kind: make_step(name, shape, optimizer_name, kind, device, args.batch) for kind in KINDS}
+            per_block = {kind: UPDATE_EVERY.get(kind, 1) for kind in KINDS}
+            times: dict[str, list[float]] = {kind: [] for kind in KINDS}
+            for kind in KINDS:
+                for _ in range(2):
                     steps[kind]()
-            for _ in range(args.repeats):  # interleaved, so both see the same machine state
-                for kind in ("ce", "adalfl"):
+            for _ in range(args.repeats):  # interleaved, so every kind sees the same machine state
+                for kind in KINDS:
                     sync(device)
                     started = time.perf_counter()
                     steps[kind]()
                     sync(device)
-                    times[kind].append(time.perf_counter() - started)
+                    times[kind].append((time.perf_counter() - started) / per_block[kind])
             ms = {kind: 1000 * statistics.median(values) for kind, values in times.items()}
-            memory = {kind: peak_memory(steps[kind], device) / 2**20 for kind in ("ce", "adalfl")}
-            print(f"| {name} {shape} | {optimizer_name} | {ms['ce']:.1f} | {ms['adalfl']:.1f} "
-                  f"| {ms['adalfl'] / ms['ce']:.2f} (<= {target}) | {memory['ce']:.1f} | {memory['adalfl']:.1f} "
-                  f"| {memory['adalfl'] / memory['ce']:.2f} |", flush=True)
+            ratio = {kind: ms[kind] / ms["ce"] for kind in KINDS}
+            memory = {kind: peak_memory(steps[kind], device) / 2**20 for kind in KINDS}
+            adalfl = [kind for kind in KINDS if kind != "ce"]
+            print(f"| {name} {shape} | {optimizer_name} | {ms['ce']:.1f} | "
+                  f"{' / '.join(f'{ms[k]:.1f}' for k in adalfl)} | {ratio['adalfl']:.2f} (<= {target}) "
+                  f"| {ratio['k=4']:.2f} | {ratio['k=16']:.2f} | {memory['ce']:.1f} "
+                  f"| {' / '.join(f'{memory[k]:.1f}' for k in adalfl)} "
+                  f"| {max(memory[k] for k in adalfl) / memory['ce']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

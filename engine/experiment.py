@@ -15,6 +15,7 @@ from engine.device import set_threads
 from engine.distributed import barrier, broadcast_object, join, leave, world
 from engine.errors import ConfigError, UserError
 from engine.run_dir import default_run_name, discard_unstarted, existing_run_dir, new_run_dir
+from engine.run_lock import RunLock
 
 
 def trainer_families() -> list[tuple[tuple[str, ...], type, str]]:
@@ -57,9 +58,11 @@ def run_experiment(
     overrides: list[str],
     data_root: str | None,
     runs_root: Path,
+    take_over: bool = False,
 ) -> dict[str, Any]:
-    """Run (or continue) one experiment; returns its results. A new run that fails with a UserError before
-    writing anything but its config leaves no run folder."""
+    """Run (or continue) one experiment; returns its results. The run folder is locked while the run runs (a
+    stale lock of a killed run is removed by `take_over`); a new run that fails with a UserError before writing
+    anything but its config leaves no run folder."""
     if resume is not None:
         if overrides:
             raise UserError("--set cannot change a run that is being resumed; start a new run instead")
@@ -68,10 +71,13 @@ def run_experiment(
         started_with = data.pop("world_size", 1)
         config, train = resolve_config(data)
     else:
+        if take_over:
+            raise UserError("--take-over takes over a killed run's folder to resume it; use it with --resume")
         data = load_yaml(config_path)
         for assignment in overrides:
             apply_override(data, assignment)
         config, train = resolve_config(data)
+    lock = None
     try:
         size = join(config.device).size
         if resume is not None and started_with != size:
@@ -80,18 +86,26 @@ def run_experiment(
                             f"the same number: {launch} --resume {run.path}")
         if resume is None:
             name = broadcast_object(config.name or default_run_name(config_path))
-            run = new_run_dir(runs_root, name, {**to_dict(config), "world_size": size}, create=world().is_main)
+            lock = RunLock(runs_root / name) if world().is_main else None
+            run = new_run_dir(runs_root, name, {**to_dict(config), "world_size": size}, lock)
             barrier()
-        return _train(config, train, run, resolve_data_root(data_root, config.data.root), resume is not None)
+        elif world().is_main:
+            lock = RunLock(run.path)
+            lock.acquire(take_over)
+        return _train(config, train, run, resolve_data_root(data_root, config.data.root), resume is not None, lock)
     finally:
+        if lock is not None:
+            lock.release()
         leave()
 
 
-def _train(config: Any, train: Callable[..., dict[str, Any]], run: Any, root: Path, resume: bool) -> dict[str, Any]:
+def _train(config: Any, train: Callable[..., dict[str, Any]], run: Any, root: Path, resume: bool,
+           lock: RunLock | None) -> dict[str, Any]:
     try:
         set_threads(config.threads)
         return train(config, run=run, data_root=root, resume=resume)
     except UserError:
-        if not resume and world().is_main:
+        if not resume and lock is not None:
+            lock.release()
             discard_unstarted(run)
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 
 from engine.checkpoint import atomic_write_bytes
 from engine.errors import UserError
+from engine.run_lock import RunLock
 
 
 @dataclass(frozen=True)
@@ -41,23 +43,36 @@ class RunDir:
         return self.path / "tensorboard"
 
 
-def new_run_dir(runs_root: Path, name: str, config: dict[str, Any], create: bool = True) -> RunDir:
-    """`runs_root/name`, which must not hold a run; with `create` (rank 0 of a torchrun world, or a single
-    process), make it and write the resolved config into it."""
-    run = RunDir(runs_root / name)
+def _refuse_if_holds_a_run(run: RunDir) -> None:
     if run.checkpoint.exists() or run.results.exists():
         raise UserError(
             f"run folder {run.path} already holds a run; continue it with --resume {run.path} "
             "or choose another name with --set name=..."
         )
-    if create:
+
+
+def new_run_dir(runs_root: Path, name: str, config: dict[str, Any], lock: RunLock | None) -> RunDir:
+    """`runs_root/name`, which must not hold a run. Given the `lock` (rank 0 of a torchrun world, or a single
+    process): claim the folder with it, so that a second run of the same name is refused at once, clear the
+    TensorBoard events a failed start left there, and write the resolved config."""
+    run = RunDir(runs_root / name)
+    _refuse_if_holds_a_run(run)
+    if lock is not None:
         run.path.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        try:
+            _refuse_if_holds_a_run(run)  # a run of this name may have finished since the first look
+        except UserError:
+            lock.release()
+            raise
+        shutil.rmtree(run.events, ignore_errors=True)
         write_text_atomic(run.config, yaml.safe_dump(config, sort_keys=False))
     return run
 
 
 def discard_unstarted(run: RunDir) -> None:
-    """Remove a new run's folder when it holds nothing but its config.yaml (the run stopped before writing)."""
+    """Remove a new run's folder when it holds nothing but its config.yaml (the run stopped before writing;
+    its lock released first)."""
     if run.path.is_dir() and list(run.path.iterdir()) == [run.config]:
         run.config.unlink()
         run.path.rmdir()

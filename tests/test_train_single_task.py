@@ -263,3 +263,11 @@ def test_a_run_that_overfits_reports_the_test_metric_at_its_best_validation_eval
     assert results["best_val_mse"] == best["val_mse"] and results["test_mse_at_best_val"] == best["test_mse"]
     assert results["test_mse_at_best_val"] < results["test_mse"] - 0.02
     assert "test/mse_at_best_val" in scalar_tags(tmp_path / "overfit" / "tensorboard")
+
+
+def test_a_non_finite_stop_names_the_phase_of_its_step(tmp_path, shared_data, capsys) -> None:
+    code = run_train(tmp_path, shared_data, "adalfl_california", "nan", *QUICK, "--set", "optimizer.lr=1e30")
+    expect_error(capsys, code, "non-finite at phase-1 meta step", "lower meta.lr")
+    code = run_train(tmp_path, shared_data, "adalfl_california", "nan2", *QUICK, "--set", "optimizer.lr=1e3",
+                     "--set", "meta.init_steps=0")
+    expect_error(capsys, code, "non-finite at phase-2 step")
