@@ -41,7 +41,9 @@ import yaml
 
 import train
 from adalfl import figures
+from engine.config import apply_override, load_yaml
 from engine.errors import ConfigError
+from engine.experiment import resolve_config
 from engine.run_dir import RunDir, write_text_atomic
 from engine.selection import MIN_EVALUATIONS_TO_SELECT as MIN_EVALUATIONS
 
@@ -456,25 +458,36 @@ def equal_compute_cells(cells: list[Cell], all_cells: list[Cell], baseline: list
                        by_seed[c.seed], out) for c in cells]
 
 
-def check_references(cells: list[Cell]) -> None:
-    """Every METHOD@compute=LABEL names a label of the grid."""
+def check_cells(cells: list[Cell], overrides: list[str]) -> None:
+    """Before any cell runs: every METHOD@compute=LABEL names a label of the grid, and every cell's full config
+    (base config, --set, the label's own and swept settings) is valid; one ConfigError lists every bad cell."""
     labels = {c.label for c in cells}
+    problems = []
     for cell in cells:
         if cell.compute_of is not None and cell.compute_of not in labels:
-            raise ConfigError(f"{cell.label}: no label {cell.compute_of!r} in --methods to take the compute of; "
-                             f"labels: {', '.join(sorted(labels))}")
+            problems.append(f"{cell.label}: no label {cell.compute_of!r} in --methods to take the compute of; "
+                            f"labels: {', '.join(sorted(labels))}")
+        try:
+            data = load_yaml(cell.config)
+            for assignment in [f"seed={cell.seed}", *overrides, *cell.sets]:
+                apply_override(data, assignment)
+            resolve_config(data)
+        except ConfigError as exc:
+            problems.append(f"{cell.label}: {exc}")
+    if problems:
+        raise ConfigError("the grid has bad cells; nothing was run:\n  " + "\n  ".join(dict.fromkeys(problems)))
 
 
 def run_grid(args: argparse.Namespace) -> tuple[int, list[str]]:
     """Run the sweep (if any), the grid's cells, then its equal-compute cells; (exit code, failed cells)."""
     args.out.mkdir(parents=True, exist_ok=True)
     cells = grid_cells(args.config, args.methods, args.seeds)
-    check_references(cells)
     baseline = method_cells(args.methods[0], args.config, args.seeds)
+    swept = sweep_cells(baseline, *args.sweep) if args.sweep is not None else {}
+    check_cells([*cells, *(c for group in swept.values() for c in group)], args.overrides)
     failed: list[str] = []
     if args.sweep is not None:
         key, values = args.sweep
-        swept = sweep_cells(baseline, key, values)
         done = run_cells([c for group in swept.values() for c in group], args)
         if any(code == 130 for _, code in done):
             return 130, failed

@@ -5,12 +5,14 @@ Defaults are the AdaLFL paper's CIFAR-10 protocol (see README, "Paper defaults")
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import torch
 
 from engine.errors import require
+from tasks.models import MODELS
 
 Method = Literal["ce", "mse", "label_smoothing", "sparse_lsr", "taylorglo", "evomal", "ml3", "adalfl"]
 """ce / mse / label_smoothing / sparse_lsr: handcrafted loss; taylorglo: a Taylor-polynomial loss searched by CMA-ES,
@@ -33,6 +35,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "resnet18"
+
+    def __post_init__(self) -> None:
+        near = difflib.get_close_matches(self.name, MODELS, n=1)
+        require(self.name in MODELS, f"model.name = {self.name!r} is not valid"
+                f"{f' (did you mean {near[0]!r}?)' if near else ''}; choose one of: {', '.join(MODELS)}")
 
 
 @dataclass

@@ -208,3 +208,14 @@ def test_a_baseline_at_another_methods_compute_runs_its_measured_budget_and_both
     expect_error(capsys, compare.main(["--config", "configs/adalfl_california.yaml", "--methods", "mse",
                                        "mse@compute=adalfl", "--out", str(tmp_path / "bad")]),
                  "no label 'adalfl' in --methods")
+
+
+def test_a_grid_with_bad_cells_is_refused_before_any_cell_runs(tmp_path, capsys) -> None:
+    out = tmp_path / "grid"
+    code = compare.main(["--config", "configs/adalfl_california.yaml", "--methods", "mse", "adalfI",
+                         "deep=adalfl,model.name=mlp3", "mse@compute=nothing", "--sweep", "optimizer.rl=0.1,0.3",
+                         "--seeds", "0", "1", "--out", str(out)])
+    expect_error(capsys, code, "nothing was run", "adalfI: method = 'adalfI' is not valid (did you mean 'adalfl'?)",
+                 "deep: model.name = 'mlp3' is not valid", "no label 'nothing' in --methods",
+                 "mse@optimizer.rl=0.1: unknown config key 'optimizer.rl'")
+    assert not any(out.glob("*-seed*"))
