@@ -10,6 +10,7 @@ gradient half, and `EvoMALSearch` the population, one generation per `step`, pic
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +24,7 @@ from deap import algorithms, base, gp, tools
 from torch import nn
 
 from adalfl.config import EvoMALConfig
-from adalfl.gp_expression import PREDICTION, PRIMITIVES, TARGET, Expression, formula, repair, toolbox
+from adalfl.gp_expression import PREDICTION, PRIMITIVES, TARGET, Expression, formula, parse, repair, toolbox
 from adalfl.loss_network import OutputWiseLoss, Prediction
 from adalfl.online_step import Batch, LossFn, online_step
 from engine.rng import rng_state, seed_everything, set_rng_state
@@ -124,10 +125,11 @@ class Evaluation:
 
 
 class EvoMALSearch:
-    """The GP population, one generation per `step`. Picklable with everything it needs, so a checkpoint holds the
-    whole search and a resumed run continues at the next generation: the population with its fitnesses, the hall
-    of fame, the cache of evaluated expressions (keyed by their exact string) and its own Python/NumPy/torch
-    random states, swapped in for every generation (so nothing else in the run draws from them)."""
+    """The GP population, one generation per `step`. `state_dict` holds everything it needs as plain data (trees as
+    DEAP's strings), so a checkpoint holds the whole search and a resumed run continues at the next generation: the
+    population with its fitnesses, the hall of fame, the cache of evaluated expressions (keyed by their exact
+    string) and its own Python/NumPy/torch random states, swapped in for every generation (so nothing else in the
+    run draws from them)."""
 
     def __init__(self, config: EvoMALConfig, seed: int) -> None:
         self.config = config
@@ -192,6 +194,28 @@ class EvoMALSearch:
         }
         self.log.append(record)
         return record
+
+    def state_dict(self) -> dict[str, Any]:
+        def tree(expression: Expression) -> tuple[str, float | None]:
+            return str(expression), expression.fitness.values[0] if expression.fitness.valid else None
+
+        return {"generation": self.generation, "population": [tree(t) for t in self.population],
+                "hall_of_fame": [tree(t) for t in self.hall_of_fame], "log": self.log, "rng": self.rng,
+                "cache": {key: dataclasses.asdict(value) for key, value in self.cache.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        def tree(text: str, fitness: float | None) -> Expression:
+            expression = parse(text)
+            if fitness is not None:
+                expression.fitness.values = (fitness,)
+            return expression
+
+        self.generation, self.log, self.rng = state["generation"], state["log"], state["rng"]
+        self.population = [tree(*entry) for entry in state["population"]]
+        self.hall_of_fame = tools.HallOfFame(1)
+        for entry in state["hall_of_fame"]:
+            self.hall_of_fame.insert(tree(*entry))
+        self.cache = {key: Evaluation(**value) for key, value in state["cache"].items()}
 
     @property
     def best_fitness(self) -> float:

@@ -16,8 +16,9 @@ with p the softmax probability (classification) or the raw output (regression), 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import cma
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from adalfl.loss_network import OutputWiseLoss, Prediction
+from engine.rng import numpy_state, set_numpy_state
 
 NUM_PARAMETERS = 8
 PENALTY = 1e6  # fitness of a candidate whose training diverged
@@ -54,25 +56,50 @@ class TaylorGLOLoss(OutputWiseLoss):
 
 
 class TaylorGLOSearch:
-    """CMA-ES (the `cma` package) over the 8 parameters, one generation per `step`; picklable, so a
-    checkpoint holds the whole search and a resumed run continues at the next generation."""
+    """CMA-ES (the `cma` package) over the 8 parameters, one generation per `step`. CMA-ES draws from a NumPy
+    state of its own (swapped in around `ask` and `tell`, so nothing else in the run draws from it), which makes
+    the search a pure function of its seed and the fitnesses it was told: `state_dict` holds those fitnesses as
+    plain numbers, and `load_state_dict` replays them, so a resumed run continues at the next generation."""
 
     def __init__(self, population: int, sigma: float, seed: int) -> None:
         options = {"popsize": population, "seed": seed + 1, "verbose": -9}  # cma reads seed 0 as "random"
-        self.es = cma.CMAEvolutionStrategy(np.zeros(NUM_PARAMETERS), sigma, options)
+        outer = numpy_state()
+        self.es = cma.CMAEvolutionStrategy(np.zeros(NUM_PARAMETERS), sigma, options)  # seeds NumPy's global state
+        self.own_state = numpy_state()
+        set_numpy_state(outer)
         self.generation = 0
         self.best_theta: list[float] | None = None
         self.best_fitness = math.inf
         self.log: list[dict[str, Any]] = []
+        self.told: list[list[float]] = []  # each generation's fitnesses, in the order CMA-ES asked
+
+    @contextlib.contextmanager
+    def _own_random_state(self) -> Iterator[None]:
+        outer = numpy_state()
+        set_numpy_state(self.own_state)
+        try:
+            yield
+        finally:
+            self.own_state = numpy_state()
+            set_numpy_state(outer)
+
+    def _ask(self) -> list[np.ndarray]:
+        with self._own_random_state():
+            return self.es.ask()
+
+    def _tell(self, candidates: list[np.ndarray], fitness: list[float]) -> None:
+        with self._own_random_state():
+            self.es.tell(candidates, fitness)
+        self.told.append(fitness)
 
     def step(self, fitness_of: Callable[[list[float]], float]) -> dict[str, Any]:
         """Ask a population, score each candidate (lower is better), tell CMA-ES; returns the generation's record."""
-        candidates = self.es.ask()
+        candidates = self._ask()
         fitness = []
         for candidate in candidates:
             value = fitness_of([float(v) for v in candidate])
             fitness.append(value if math.isfinite(value) else PENALTY)
-        self.es.tell(candidates, fitness)
+        self._tell(candidates, fitness)
         best = int(np.argmin(fitness))
         if fitness[best] < self.best_fitness:
             self.best_fitness, self.best_theta = fitness[best], [float(v) for v in candidates[best]]
@@ -83,3 +110,15 @@ class TaylorGLOSearch:
         }
         self.log.append(record)
         return record
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generation": self.generation, "best_theta": self.best_theta, "best_fitness": self.best_fitness,
+                "log": self.log, "told": self.told}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replay the told fitnesses on this freshly made search (same population, sigma and seed)."""
+        for fitness in state["told"]:
+            self._tell(self._ask(), fitness)
+        self.generation, self.best_theta, self.best_fitness = (state["generation"], state["best_theta"],
+                                                               state["best_fitness"])
+        self.log = state["log"]

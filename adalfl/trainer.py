@@ -250,7 +250,8 @@ class SingleTaskTrainer:
             "step": self.step, "init_step": self.init_step, "history": self.history,
             "loss_shapes": self.loss_shapes, "readouts": self.readouts, "init_readouts": self.init_readouts,
             "clock": self.clock.state_dict(), "world_size": self.world.size,
-            "rng": gather_objects(rng_state()), "search": self.search,
+            "rng": gather_objects(rng_state()),
+            "search": self.search.state_dict() if self.search is not None else None,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
         }
@@ -265,7 +266,9 @@ class SingleTaskTrainer:
         self.step, self.init_step = state["step"], state["init_step"]
         self.history, self.loss_shapes = state["history"], state["loss_shapes"]
         self.clock.load_state_dict(state["clock"])
-        self.readouts, self.init_readouts, self.search = state["readouts"], state["init_readouts"], state["search"]
+        self.readouts, self.init_readouts = state["readouts"], state["init_readouts"]
+        if self.search is not None:
+            self.search.load_state_dict(state["search"])
         if self.search is not None and self.search.generation == self.search_generations:
             self._use_searched_loss()
         self.model.load_state_dict(state["model"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,11 +36,19 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU; a missing or corrupt file is a UserError."""
+    """Read a checkpoint on the CPU with torch's weights-only unpickler (tensors, numbers, strings and containers:
+    loading runs no code); a missing, corrupt or foreign file is a UserError."""
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; the run has not saved one yet, start it without --resume")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = next((line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+        raise UserError(
+            f"checkpoint {path} holds Python objects beyond tensors and plain data ({refused.strip()}); this "
+            "project's checkpoints never do, so it was written by something else (or an older version), and "
+            "loading it could run code: it is refused. Start the run again in a new folder."
+        ) from None
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise UserError(
             f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); it may be truncated. "

@@ -16,9 +16,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def numpy_state() -> dict[str, Any]:
+    """NumPy's global generator state as a tensor and numbers (a checkpoint loads it with weights_only)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def set_numpy_state(state: dict[str, Any]) -> None:
+    np.random.set_state((state["kind"], state["keys"].numpy().astype(np.uint32), state["position"],
+                         state["has_gauss"], state["cached_gaussian"]))
+
+
 def rng_state() -> dict[str, Any]:
-    """The state of every generator, for a checkpoint."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The state of every generator, for a checkpoint: tensors, numbers and tuples only."""
+    state = {"python": random.getstate(), "numpy": numpy_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -27,7 +39,7 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore generators captured by `rng_state`."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    set_numpy_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from test_train_single_task import QUICK, StopAfter, expect_error, run_train
 
 import adalfl.trainer
@@ -72,3 +73,24 @@ def test_a_folder_reused_after_a_failed_start_begins_with_clean_events(tmp_path,
     assert run_train(tmp_path, shared_data, "mse_california", "failed", *QUICK) == 0
     assert not old & set(events.rglob("*tfevents*"))
     assert not (tmp_path / "failed" / LOCK_NAME).exists()
+
+
+class Payload:
+    """A pickled object of the kind a foreign checkpoint could carry."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused_without_running_it(tmp_path, shared_data, monkeypatch,
+                                                                             capsys) -> None:
+    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopAfter)
+    StopAfter.reads_before_stop = 15
+    assert run_train(tmp_path, shared_data, "mse_california", "foreign", *QUICK) == 130
+    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopRequest)
+    checkpoint = tmp_path / "foreign" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)  # the project's own checkpoint loads weights-only
+    torch.save({**state, "extra": Payload()}, checkpoint)
+    code = train.main(["--resume", str(tmp_path / "foreign"), "--data-root", str(shared_data)])
+    expect_error(capsys, code, "holds Python objects beyond tensors and plain data", "it is refused")
+    assert "this must never run" not in capsys.readouterr().out
