@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -44,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             runs_root=args.runs_root,
             take_over=args.take_over,
         )
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:  # every rank of a torchrun world hits it; rank 0 says it, each exits with 2
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept: continue with --resume <run folder>", file=sys.stderr)

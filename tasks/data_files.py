@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from engine.errors import DataError
@@ -43,3 +45,31 @@ def require_files(
             f"Put the official files{where} there, or {ROOT_HINT}."
         )
     return paths
+
+
+def _entries(root: Path, depth: int) -> set[Path]:
+    """The files and folders under `root`, `depth` levels down at most."""
+    found, level = set(), [root] if root.is_dir() else []
+    for _ in range(depth):
+        level = [child for folder in level if folder.is_dir() for child in folder.iterdir()]
+        found.update(level)
+    return found
+
+
+@contextlib.contextmanager
+def restored_on_failure(root: Path, depth: int = 3) -> Iterator[None]:
+    """Around a download into `root`: if it fails, remove what it made there (the folders and files that were not
+    there before, `depth` levels down; `root` itself when it did not exist), so the data root is as it was."""
+    existed, before = root.exists(), _entries(root, depth)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            for path in sorted(_entries(root, depth) - before, key=lambda p: len(p.parts)):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise

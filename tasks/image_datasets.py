@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from engine.errors import DataError
-from tasks.data_files import corrupt, require_files
+from tasks.data_files import corrupt, require_files, restored_on_failure
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,12 @@ def _torchvision_fetch(dataset: str, root: Path, download: bool) -> Callable[[],
     def fetch() -> None:
         from torchvision import datasets
 
-        if dataset == "svhn":
-            for split in ("train", "test"):
-                datasets.SVHN(str(root / "svhn"), split=split, download=True)
-        else:
-            getattr(datasets, dataset)(str(root), download=True)
+        with restored_on_failure(root):
+            if dataset == "svhn":
+                for split in ("train", "test"):
+                    datasets.SVHN(str(root / "svhn"), split=split, download=True)
+            else:
+                getattr(datasets, dataset)(str(root), download=True)
 
     return fetch
 

@@ -272,13 +272,21 @@ def test_missing_files_are_named_with_the_fix(tmp_path, name) -> None:
         assert fragment in message
 
 
-def test_a_failed_download_falls_back_to_the_missing_files_message(tmp_path, monkeypatch) -> None:
-    def offline(*args, **kwargs):
+def test_a_failed_download_falls_back_to_the_missing_files_message_and_leaves_the_root_as_it_was(
+        tmp_path, monkeypatch) -> None:
+    def offline(root, download):  # as torchvision does: the folders first, then the failing request
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True)
+        (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte.gz.part").write_bytes(b"partial")
         raise RuntimeError("no route to host")
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    (tmp_path / "mine").mkdir()
     with pytest.raises(DataError, match="Downloading them failed: RuntimeError: no route to host"):
         load_task("mnist", tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+    with pytest.raises(DataError):
+        load_task("mnist", tmp_path / "new")
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_successful_download_lands_where_the_reader_looks(tmp_path, monkeypatch) -> None:

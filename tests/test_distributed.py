@@ -230,3 +230,11 @@ def test_sync_batchnorm_on_the_cpu_is_one_clear_error(tmp_path, shared_data, mon
                                              "model": {"name": "lenet5"}, "train": {"sync_batchnorm": True}})
     with pytest.raises(distributed.ConfigError, match="train.sync_batchnorm needs CUDA"):
         SingleTaskTrainer(config, RunDir(tmp_path / "run"), shared_data)
+
+
+def test_a_config_error_under_torchrun_is_said_once_and_each_process_exits_with_2(tmp_path, shared_data) -> None:
+    done = new_run(2, tmp_path, shared_data, "odd", "mse_california", 4, "--set", "train.batch_size=127")
+    assert done.stderr.count("error: train.batch_size = 127 examples per train batch do not split evenly") == 1
+    ours = [line for line in done.stderr.splitlines() if f'File "{REPO}' in line and ".venv" not in line]
+    assert "exitcode  : 2" in done.stderr and not ours  # torchrun's own report, no traceback of ours
+    assert not (tmp_path / "odd").exists()
