@@ -9,7 +9,9 @@ every k-th (`update_every`, k = 4 and 16: the mean step time over k consecutive 
 optimizer at batch 128: the median step time of each, each ratio to the bare step (targets: k = 1 SGD <= 3.0,
 Adam <= 2.7; k = 4 <= 1.7; k = 16 <= 1.3) and the peak tensor memory of each (over k steps) and its ratio
 (target <= 2.5). CPU memory comes from the PyTorch profiler's memory timeline, GPU memory from
-torch.cuda.max_memory_allocated. All kinds run interleaved, so that they see the same machine state.
+torch.cuda.max_memory_allocated. All kinds run interleaved, so that they see the same machine state. On the CPU a
+step's time is its process CPU time (run with OMP_NUM_THREADS=1: then other processes on the machine do not inflate
+it); on a GPU, its wall time between device synchronisations.
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"device: {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | batch {args.batch}")
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    print(f"device: {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | batch {args.batch} "
+          f"| clock: {'process CPU time' if device.type == 'cpu' else 'wall time'}")
     print("| model | optimizer | CE step (ms) | AdaLFL step (ms), k = 1 / 4 / 16 | time ratio k = 1 (target) "
           "| k = 4 (<= 1.7) | k = 16 (<= 1.3) | CE peak (MB) | AdaLFL peak (MB), k = 1 / 4 / 16 "
           "| memory ratio (<= 2.5) |")
@@ -105,10 +109,10 @@ def main() -> None:
             for _ in range(args.repeats):  # interleaved, so every kind sees the same machine state
                 for kind in KINDS:
                     sync(device)
-                    started = time.perf_counter()
+                    started = clock()
                     steps[kind]()
                     sync(device)
-                    times[kind].append((time.perf_counter() - started) / per_block[kind])
+                    times[kind].append((clock() - started) / per_block[kind])
             ms = {kind: 1000 * statistics.median(values) for kind, values in times.items()}
             ratio = {kind: ms[kind] / ms["ce"] for kind in KINDS}
             memory = {kind: peak_memory(steps[kind], device) / 2**20 for kind in KINDS}
