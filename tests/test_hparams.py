@@ -45,5 +45,6 @@ def test_a_single_task_run_records_its_settings_and_final_metrics(tmp_path: Path
     assert hparams["method"] == "adalfl" and hparams["lr"] == 0.01 and hparams["batch_source"] == "same"
     assert hparams["init_steps"] == 6 and hparams["seed"] == 0 and hparams["dataset"] == "california_housing"
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert set(metrics) == {"hparams/test_mse", "hparams/val_mse"}
+    assert set(metrics) == {"hparams/test_mse", "hparams/val_mse", "hparams/test_mse_at_best_val"}
     assert metrics["hparams/test_mse"] == pytest.approx(results["test_mse"], rel=1e-6)  # float32 in the events
+    assert metrics["hparams/test_mse_at_best_val"] == pytest.approx(results["test_mse_at_best_val"], rel=1e-6)
