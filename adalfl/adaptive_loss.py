@@ -7,7 +7,7 @@
     >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
     >>> loss = AdaptiveLoss(num_outputs=3)
     >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-    >>> stats = loss.step(model, optimizer, (x, y))  # one step of the model, then one of the loss
+    >>> stats = loss.step(model, optimizer, (x, y))  # one step of the model, then (1st of 16) one of the loss
     >>> bool(stats.finite), stats.meta_loss.shape
     (True, torch.Size([]))
 
@@ -48,7 +48,8 @@ class AdaptiveLoss:
     times the task loss's (None: unbounded), or with `grad_scale="match"` sets it to exactly that many times, so
     that the learned loss adapts the step's direction only; `meta_clip` clips the meta-gradient's norm; `amp` (e.g.
     torch.bfloat16) autocasts the model's forward passes, the loss and its meta-gradient staying in float32.
-    `update_every=k` updates the loss at every k-th call of `step` only (the calls are counted in `state_dict`).
+    `update_every=k` updates the loss at every k-th call of `step` only (default 16; 1 is the paper's every-step
+    form; the calls are counted in `state_dict`).
     """
 
     def __init__(
@@ -64,7 +65,7 @@ class AdaptiveLoss:
         meta_clip: float | None = None,
         amp: torch.dtype | None = None,
         grad_scale: Literal["bound", "match"] = "bound",
-        update_every: int = 1,
+        update_every: int = 16,
     ) -> None:
         if task not in ("classification", "regression"):
             raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")

@@ -45,8 +45,9 @@ def main() -> None:
         if step % args.log_every == 0 or step == args.steps:
             if not bool(stats.finite):
                 raise SystemExit(f"non-finite loss or meta-gradient by step {step}: lower the learning rates")
+            meta = "" if stats.meta_loss is None else f", meta loss {float(stats.meta_loss):.4f}"  # at loss updates
             print(f"step {step}: cross-entropy {float(stats.task_loss):.4f}, "
-                  f"learned loss {float(stats.train_loss):.4f}, meta loss {float(stats.meta_loss):.4f}")
+                  f"learned loss {float(stats.train_loss):.4f}{meta}")
 
     model.eval()
     errors = total = 0

@@ -140,14 +140,14 @@ def test_the_component_trains_a_model_with_adamw_and_round_trips_its_state() -> 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    loss = AdaptiveLoss(num_outputs=3)
+    loss = AdaptiveLoss(num_outputs=3, update_every=1)
     x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
     first = F.cross_entropy(model(x), y).item()
     for _ in range(150):
         stats = loss.step(model, optimizer, (x, y))
     assert bool(stats.finite) and F.cross_entropy(model(x), y).item() < 0.7 * first
     assert loss.loss.net.layers[-1].weight.abs().sum() > 0  # the loss network learned
-    clone = AdaptiveLoss(num_outputs=3)
+    clone = AdaptiveLoss(num_outputs=3, update_every=1)
     clone.load_state_dict(copy.deepcopy(loss.state_dict()))
     torch.testing.assert_close(clone(model(x), y), loss(model(x), y))
     assert clone.meta_optimizer.state_dict()["state"][0]["step"] == 150
