@@ -59,7 +59,7 @@ def new_run_dir(runs_root: Path, name: str, config: dict[str, Any], lock: RunLoc
     _refuse_if_holds_a_run(run)
     if lock is not None:
         run.path.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
+        lock.acquire(take_over=True)  # a killed start's stale lock in a folder that holds no run is no one's
         try:
             _refuse_if_holds_a_run(run)  # a run of this name may have finished since the first look
         except UserError:

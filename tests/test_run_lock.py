@@ -63,6 +63,10 @@ def test_a_killed_runs_lock_is_stale_and_taken_over_only_on_request(tmp_path, sh
     expect_error(capsys, train.main([*resume, "--take-over"]), f"is in use by process {os.getpid()}")
     assert lock.exists()
 
+    (tmp_path / "fresh").mkdir()  # a killed start that wrote nothing but its lock: a new run takes the name
+    (tmp_path / "fresh" / LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    assert run_train(tmp_path, shared_data, "mse_california", "fresh", *args) == 0
+
 
 def test_a_folder_reused_after_a_failed_start_begins_with_clean_events(tmp_path, shared_data, capsys) -> None:
     code = run_train(tmp_path, shared_data, "mse_california", "failed", *QUICK, "--set", "optimizer.lr=1e3")
