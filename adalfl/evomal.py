@@ -9,11 +9,10 @@ gradient half, and `EvoMALSearch` the population, one generation per `step`, pic
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,7 +26,7 @@ from adalfl.config import EvoMALConfig
 from adalfl.gp_expression import PREDICTION, PRIMITIVES, TARGET, Expression, formula, parse, repair, toolbox
 from adalfl.loss_network import OutputWiseLoss, Prediction
 from adalfl.online_step import Batch, LossFn, online_step
-from engine.rng import rng_state, seed_everything, set_rng_state
+from engine.rng import OwnRandomState, rng_state, seed_everything, set_rng_state
 
 REJECTION_LR = 0.01  # Adam on the sampled outputs in the rejection test
 Episode = tuple[nn.Module, torch.optim.Optimizer, Batch, Batch]  # fresh model, its optimizer, train and val batch
@@ -135,13 +134,13 @@ class EvoMALSearch:
         self.config = config
         outer = rng_state()
         seed_everything(seed)
-        self.rng = rng_state()
+        self.random = OwnRandomState(rng_state, set_rng_state, rng_state())
         set_rng_state(outer)
         self.generation = 0
         self.cache: dict[str, Evaluation] = {}
         self.hall_of_fame = tools.HallOfFame(1)
         self.log: list[dict[str, Any]] = []
-        with self._own_random_state():
+        with self.random.active():
             self.population = [self._toolbox().expression() for _ in range(config.population)]
             for tree in self.population:
                 repair(tree)
@@ -149,16 +148,6 @@ class EvoMALSearch:
     def _toolbox(self) -> base.Toolbox:
         cfg = self.config
         return toolbox((cfg.init_min_height, cfg.init_max_height), cfg.tournament, cfg.max_height)
-
-    @contextlib.contextmanager
-    def _own_random_state(self) -> Iterator[None]:
-        outer = rng_state()
-        set_rng_state(self.rng)
-        try:
-            yield
-        finally:
-            self.rng = rng_state()
-            set_rng_state(outer)
 
     def _offspring(self) -> list[Expression]:
         """Tournament selection, then crossover, mutation or reproduction for each child (DEAP's varOr), repaired."""
@@ -173,7 +162,7 @@ class EvoMALSearch:
         """Breed a generation (the first is the initial population), score each expression not in the cache
         (lower is better), update the hall of fame; returns the generation's record."""
         outcomes: Counter[str] = Counter()
-        with self._own_random_state():
+        with self.random.active():
             if self.generation > 0:
                 self.population = self._offspring()
             for tree in self.population:
@@ -200,7 +189,7 @@ class EvoMALSearch:
             return str(expression), expression.fitness.values[0] if expression.fitness.valid else None
 
         return {"generation": self.generation, "population": [tree(t) for t in self.population],
-                "hall_of_fame": [tree(t) for t in self.hall_of_fame], "log": self.log, "rng": self.rng,
+                "hall_of_fame": [tree(t) for t in self.hall_of_fame], "log": self.log, "rng": self.random.state,
                 "cache": {key: dataclasses.asdict(value) for key, value in self.cache.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -210,7 +199,7 @@ class EvoMALSearch:
                 expression.fitness.values = (fitness,)
             return expression
 
-        self.generation, self.log, self.rng = state["generation"], state["log"], state["rng"]
+        self.generation, self.log, self.random.state = state["generation"], state["log"], state["rng"]
         self.population = [tree(*entry) for entry in state["population"]]
         self.hall_of_fame = tools.HallOfFame(1)
         for entry in state["hall_of_fame"]:

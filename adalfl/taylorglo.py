@@ -16,9 +16,8 @@ with p the softmax probability (classification) or the raw output (regression), 
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cma
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from adalfl.loss_network import OutputWiseLoss, Prediction
-from engine.rng import numpy_state, set_numpy_state
+from engine.rng import OwnRandomState, numpy_state, set_numpy_state
 
 NUM_PARAMETERS = 8
 PENALTY = 1e6  # fitness of a candidate whose training diverged
@@ -65,7 +64,7 @@ class TaylorGLOSearch:
         options = {"popsize": population, "seed": seed + 1, "verbose": -9}  # cma reads seed 0 as "random"
         outer = numpy_state()
         self.es = cma.CMAEvolutionStrategy(np.zeros(NUM_PARAMETERS), sigma, options)  # seeds NumPy's global state
-        self.own_state = numpy_state()
+        self.random = OwnRandomState(numpy_state, set_numpy_state, numpy_state())
         set_numpy_state(outer)
         self.generation = 0
         self.best_theta: list[float] | None = None
@@ -73,22 +72,12 @@ class TaylorGLOSearch:
         self.log: list[dict[str, Any]] = []
         self.told: list[list[float]] = []  # each generation's fitnesses, in the order CMA-ES asked
 
-    @contextlib.contextmanager
-    def _own_random_state(self) -> Iterator[None]:
-        outer = numpy_state()
-        set_numpy_state(self.own_state)
-        try:
-            yield
-        finally:
-            self.own_state = numpy_state()
-            set_numpy_state(outer)
-
     def _ask(self) -> list[np.ndarray]:
-        with self._own_random_state():
+        with self.random.active():
             return self.es.ask()
 
     def _tell(self, candidates: list[np.ndarray], fitness: list[float]) -> None:
-        with self._own_random_state():
+        with self.random.active():
             self.es.tell(candidates, fitness)
         self.told.append(fitness)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -52,3 +54,21 @@ def step_generator(seed: int, step: int, stream: int = 0, rank: int = 0, device:
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + step) * 31 + stream + (rank << 48))
     return g
+
+
+class OwnRandomState:
+    """A random state of one's own (captured by `capture`, restored by `restore`), swapped in by `active()` around
+    what draws from it, so that nothing else in the run draws from it and it draws from nothing else."""
+
+    def __init__(self, capture: Callable[[], Any], restore: Callable[[Any], None], state: Any) -> None:
+        self.capture, self.restore, self.state = capture, restore, state
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        outer = self.capture()
+        self.restore(self.state)
+        try:
+            yield
+        finally:
+            self.state = self.capture()
+            self.restore(outer)
