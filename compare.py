@@ -14,7 +14,8 @@ config (e.g. an NPBML ablation) under that label, or as LABEL=METHOD,KEY=VALUE,.
 overrides of its own (an ablation variant; "{seed}" in a value becomes the cell's seed). With
 --sweep KEY=V1,V2,..., the first method (the baseline) runs at every value (cells <baseline>@KEY=V-seed<k>),
 the value with the lowest mean final validation metric over the seeds is chosen (sweep.json), and the other
-methods run at that value unless their label sets KEY itself. Then <out> gets summary.csv and summary.md
+methods run at that value unless their label sets KEY itself (--sweep-seeds tunes on some seeds only and runs
+the baseline's others at the chosen value). Then <out> gets summary.csv and summary.md
 (mean and std of the final test metric per method over seeds, with their number, and the mean 95% CI where
 the runs report one) and PNG figures: learning_curves.png, readouts.png, init_readouts.png (phase 1),
 loss_evolution_<label>.png, accuracy.png. --jobs N runs N cells at once as separate processes (each with
@@ -81,6 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="override a base config value in every cell (repeatable)")
     parser.add_argument("--sweep", metavar="KEY=V1,V2,...",
                         help="tune KEY for the first method on validation, then run the others at the chosen value")
+    parser.add_argument("--sweep-seeds", nargs="+", type=int, metavar="SEED",
+                        help="tune --sweep on these seeds only (default: all); the baseline's other seeds then run "
+                        "at the chosen value, so the seeds that decide no setting can be held out")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process")
     parser.add_argument("--data-root", help="folder holding the data sets (as for train.py)")
     parser.add_argument("--summary-only", action="store_true", help="run nothing; summarise the cells in --out")
@@ -98,6 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not key or not values:
             parser.error(f"--sweep {args.sweep!r} must look like KEY=V1,V2,... (e.g. optimizer.lr=0.01,0.03,0.1)")
         args.sweep = (key, values.split(","))
+    if args.sweep_seeds is not None and (args.sweep is None or not set(args.sweep_seeds) <= set(args.seeds)):
+        parser.error("--sweep-seeds needs --sweep, and its seeds must be among --seeds")
     return args
 
 
@@ -201,13 +207,15 @@ def final_validation(cells: list[Cell], out: Path) -> float:
 
 
 def choose_swept_value(swept: dict[str, list[Cell]], key: str, out: Path) -> str:
-    """The swept value with the lowest mean final validation metric; recorded in <out>/sweep.json."""
+    """The swept value with the lowest mean final validation metric over the swept seeds; recorded in
+    <out>/sweep.json."""
     scores = {value: final_validation(cells, out) for value, cells in swept.items()}
     chosen = min(scores, key=lambda v: scores[v])
     if math.isinf(scores[chosen]):
         raise RuntimeError(f"no value of {key} finished on every seed; nothing to choose from")
     record = {"key": key, "baseline": next(iter(swept.values()))[0].label.split("@")[0], "chosen": chosen,
               "criterion": "lowest mean final validation metric over the seeds",
+              "seeds": [c.seed for c in next(iter(swept.values()))],
               "mean_val": {v: (None if math.isinf(m) else m) for v, m in scores.items()}}
     (out / SWEEP_FILE).write_text(json.dumps(record, indent=1))
     return chosen
@@ -483,7 +491,8 @@ def run_grid(args: argparse.Namespace) -> tuple[int, list[str]]:
     args.out.mkdir(parents=True, exist_ok=True)
     cells = grid_cells(args.config, args.methods, args.seeds)
     baseline = method_cells(args.methods[0], args.config, args.seeds)
-    swept = sweep_cells(baseline, *args.sweep) if args.sweep is not None else {}
+    tuning = [c for c in baseline if args.sweep_seeds is None or c.seed in args.sweep_seeds]
+    swept = sweep_cells(tuning, *args.sweep) if args.sweep is not None else {}
     check_cells([*cells, *(c for group in swept.values() for c in group)], args.overrides)
     failed: list[str] = []
     if args.sweep is not None:
@@ -495,7 +504,8 @@ def run_grid(args: argparse.Namespace) -> tuple[int, list[str]]:
         chosen = choose_swept_value(swept, key, args.out)
         print(f"[grid] {key} = {chosen} chosen for {baseline[0].label} on validation", flush=True)
         cells = [replace(c, sets=(f"{key}={chosen}", *c.sets)) for c in cells[len(baseline):]]
-        baseline = swept[chosen]
+        baseline = sweep_cells(baseline, key, [chosen])[chosen]
+        cells = [c for c in baseline if c not in swept[chosen]] + cells  # the seeds held out of the tuning
     update_grid_record(args.out, baseline=baseline[0].label)
     plain = [c for c in cells if c.compute_of is None]
     for stage in (plain, [c for c in cells if c.compute_of is not None]):

@@ -165,6 +165,31 @@ def test_a_swept_baseline_picks_its_value_on_validation_and_the_others_run_there
     assert "**optimizer.lr = 0.03**" in (out / "summary.md").read_text()
 
 
+def test_a_sweep_tuned_on_some_seeds_runs_the_held_out_seeds_only_at_the_chosen_value(tmp_path, shared_data) -> None:
+    out = tmp_path / "grid"
+    sets = [arg for s in TINY for arg in ("--set", s)]
+    assert compare.main([
+        "--config", "configs/adalfl_california.yaml", "--methods", "mse", "--seeds", "0", "1", "2",
+        "--sweep", "optimizer.lr=0.0001,0.03", "--sweep-seeds", "0", "1", "--out", str(out),
+        "--data-root", str(shared_data), *sets,
+    ]) == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["seeds"] == [0, 1] and sweep["chosen"] == "0.03"
+    val = [json.loads((out / f"mse@optimizer.lr=0.0001-seed{s}" / "results.json").read_text())["val_mse"]
+           for s in (0, 1)]
+    assert sweep["mean_val"]["0.0001"] == pytest.approx(sum(val) / 2)
+    assert not (out / "mse@optimizer.lr=0.0001-seed2").exists()
+    assert (out / "mse@optimizer.lr=0.03-seed2" / "results.json").is_file()
+    assert read_summary(out)["mse@optimizer.lr=0.03"]["n"] == "3"
+
+
+def test_sweep_seeds_outside_the_grid_are_refused(capsys) -> None:
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--config", "configs/adalfl_california.yaml", "--methods", "mse", "--seeds", "0", "1",
+                            "--sweep", "optimizer.lr=0.01,0.03", "--sweep-seeds", "2", "--out", "x"])
+    assert "--sweep-seeds needs --sweep, and its seeds must be among --seeds" in capsys.readouterr().err
+
+
 def test_every_label_of_a_figure_gets_its_own_colour() -> None:
     from adalfl.figures import COLOURS, label_colours
 
