@@ -24,7 +24,8 @@ from torch.utils.flop_counter import flop_registry
 from engine.config import build_config
 from npbml.config import EpisodicConfig
 from npbml.learners import build_learner
-from tasks.episodes import EpisodeSampler, load_splits
+from tasks.episodes import EpisodeSampler
+from tasks.fewshot_datasets import load_splits
 
 TOP_TWO = {"adapted_blocks": 2}  # the reference code's layout: the top two blocks adapted, warped, FiLM-ed
 VARIANTS = {  # name -> (method, components, model); the same backbone, inner steps and meta-batch for all

@@ -24,7 +24,8 @@ from engine.config import build_config
 from npbml.config import EpisodicConfig
 from npbml.learners import build_learner
 from npbml.meta_trainer import meta_gradient
-from tasks.episodes import Episode, import_learn2learn
+from tasks.episodes import Episode
+from tasks.learn2learn_import import import_learn2learn
 
 WAYS, SHOTS, QUERY, STEPS = 5, 1, 15, 5
 

@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from engine.errors import ConfigError, require
+from tasks.fewshot_datasets import FEWSHOT_DATASETS
 
 METHODS = ("maml", "metasgd", "npbml")
 Method = Literal["maml", "metasgd", "npbml"]
 BLOCKS = 4  # pooled blocks of both backbones
-Dataset = Literal["omniglot", "mini_imagenet", "cifarfs", "fc100", "tieredimagenet", "cub200"]
+Dataset = Literal[tuple(FEWSHOT_DATASETS)]  # the registry's names, checked with the rest of the config
 
 
 @dataclass

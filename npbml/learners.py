@@ -23,7 +23,8 @@ from npbml.backbones import Backbone, adapted_names, build_backbone, is_meta_onl
 from npbml.batch_norm import with_vmap_safe_batch_norm
 from npbml.config import ComponentsConfig, EpisodicConfig
 from npbml.task_loss import TaskAdaptiveLoss
-from tasks.episodes import Episode, import_learn2learn
+from tasks.episodes import Episode
+from tasks.learn2learn_import import import_learn2learn
 
 
 def query_result(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,7 +46,8 @@ from engine.run_dir import RunDir, write_results
 from npbml.config import EpisodicConfig
 from npbml.learners import build_learner
 from npbml.pretrain import backbone_of, pretrain_backbone
-from tasks.episodes import Episode, EpisodeSampler, check_episodes_fit, load_splits, python_random
+from tasks.episodes import Episode, EpisodeSampler, check_episodes_fit, python_random
+from tasks.fewshot_datasets import load_splits
 
 VALIDATION_STREAM, TEST_STREAM = 1, 2
 

@@ -20,7 +20,7 @@ from engine.rng import step_generator
 from engine.run_dir import RunDir
 from npbml.backbones import Backbone, build_backbone
 from npbml.config import EpisodicConfig
-from tasks.episodes import ImageClasses
+from tasks.image_classes import ImageClasses
 
 PRETRAIN_STREAM = 3
 

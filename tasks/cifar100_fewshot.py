@@ -18,6 +18,7 @@ from torch import Tensor
 
 from engine.errors import DataError
 from tasks.data_files import corrupt, require_files
+from tasks.image_classes import ImageClasses
 from tasks.image_datasets import unpickle_cifar
 
 FOLDER, SPLIT_FOLDER = "cifar-100-python", "cifar-fs-splits"
@@ -49,17 +50,17 @@ def read_cifar100_classes(root: Path) -> tuple[Tensor, Tensor, Tensor, list[str]
     return torch.cat(images), torch.cat(fine), torch.cat(coarse), names
 
 
-def _select(images: Tensor, fine: Tensor, classes: list[int]) -> tuple[Tensor, Tensor]:
+def _select(images: Tensor, fine: Tensor, classes: list[int]) -> ImageClasses:
     """The images of `classes` (fine labels), relabelled 0..len(classes)-1 in fine-label order."""
     classes = sorted(classes)
     keep = torch.isin(fine, torch.tensor(classes))
     relabel = torch.full((100,), -1, dtype=torch.long)
     relabel[torch.tensor(classes)] = torch.arange(len(classes))
-    return images[keep], relabel[fine[keep]]
+    return ImageClasses(images[keep], relabel[fine[keep]])
 
 
-def load_cifarfs(root: Path) -> dict[str, tuple[Tensor, Tensor]]:
-    """CIFAR-FS's 'train', 'validation' and 'test' splits: (uint8 images, labels) each."""
+def load_cifarfs(root: Path) -> dict[str, ImageClasses]:
+    """CIFAR-FS's 'train', 'validation' and 'test' splits."""
     images, fine, _, names = read_cifar100_classes(root)
     paths = require_files(root / SPLIT_FOLDER, list(SPLIT_FILES.values()), "CIFAR-FS split lists",
                           source="train.txt, val.txt, test.txt of Bertinetto et al.")
@@ -74,8 +75,8 @@ def load_cifarfs(root: Path) -> dict[str, tuple[Tensor, Tensor]]:
     return splits
 
 
-def load_fc100(root: Path) -> dict[str, tuple[Tensor, Tensor]]:
-    """FC-100's 'train', 'validation' and 'test' splits: (uint8 images, labels) each."""
+def load_fc100(root: Path) -> dict[str, ImageClasses]:
+    """FC-100's 'train', 'validation' and 'test' splits."""
     images, fine, coarse, _ = read_cifar100_classes(root)
     splits = {}
     for split, superclasses in FC100_SUPERCLASSES.items():

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from engine.errors import DataError
 from tasks.data_files import ROOT_HINT, corrupt
-from tasks.episodes import import_learn2learn
+from tasks.image_classes import ImageClasses
+from tasks.learn2learn_import import import_learn2learn
 
 FOLDER = "CUB_200_2011"
 IMAGE_SIZE = 84
@@ -31,8 +32,8 @@ def _read_image(path: Path) -> Tensor:
     return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def load_cub200(root: Path) -> dict[str, tuple[Tensor, Tensor]]:
-    """The 'train', 'validation' and 'test' species splits: (uint8 images [n, 3, 84, 84], labels) each."""
+def load_cub200(root: Path) -> dict[str, ImageClasses]:
+    """The 'train', 'validation' and 'test' species splits (uint8 images [n, 3, 84, 84])."""
     import_learn2learn()
     from learn2learn.vision.datasets.cu_birds200 import IMAGENET_DUPLICATES, SPLITS
 
@@ -50,5 +51,5 @@ def load_cub200(root: Path) -> dict[str, tuple[Tensor, Tensor]]:
                 if path.name not in left_out:
                     images.append(_read_image(path))
                     labels.append(label)
-        splits[split] = (torch.stack(images), torch.tensor(labels))
+        splits[split] = ImageClasses(torch.stack(images), torch.tensor(labels))
     return splits

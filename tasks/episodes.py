@@ -8,45 +8,15 @@ samples with Python's `random`, so seeding `random` (see `python_random`) replay
 from __future__ import annotations
 
 import contextlib
-import io
 import random
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from engine.errors import ConfigError
-
-
-def import_learn2learn():
-    """`import learn2learn`, without the deprecation notice gym (which learn2learn imports) prints on its first
-    import: only gym's import is silenced, so learn2learn's own warnings still show. The project's one import of
-    learn2learn: every path to it (tasksets, MAML / Meta-SGD learners) goes through here."""
-    with contextlib.redirect_stderr(io.StringIO()):
-        import gym  # noqa: F401
-    import learn2learn
-
-    return learn2learn
-
-
-class ImageClasses(Dataset):
-    """uint8 images [n, C, H, W] with integer labels; items are float images in [0, 1]."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels = images, labels.tolist()
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index].float().div_(255.0), self.labels[index]
-
-    def class_sizes(self) -> list[int]:
-        """The number of examples of each class."""
-        return list(Counter(self.labels).values())
+from tasks.image_classes import ImageClasses
+from tasks.learn2learn_import import import_learn2learn
 
 
 @dataclass(frozen=True)
@@ -126,7 +96,6 @@ def python_random(seed: int) -> Iterator[None]:
         random.setstate(state)
 
 
-SPLITS = ("train", "validation", "test")
 SPLIT_NAMES = {"train": "meta-train", "validation": "meta-validation", "test": "meta-test"}
 
 
@@ -151,29 +120,3 @@ def check_episodes_fit(splits: dict[str, ImageClasses], dataset: str, ways: int,
             f"{dataset} {SPLIT_NAMES[limit]} split has only {fewest[limit]} (fewest per class: {counts}); "
             f"lower data.shots and/or data.query so that they sum to at most {fewest[limit]}"
         )
-
-
-def load_splits(dataset: str, root: Path) -> dict[str, ImageClasses]:
-    """The meta-train / meta-validation / meta-test class sets of `dataset` (one of npbml.config.DATASETS)."""
-    if dataset == "omniglot":
-        from tasks.omniglot import load_omniglot, omniglot_split
-
-        data = load_omniglot(root)
-        return {split: ImageClasses(*omniglot_split(data, split)) for split in SPLITS}
-    if dataset in ("cifarfs", "fc100"):
-        from tasks.cifar100_fewshot import load_cifarfs, load_fc100
-
-        splits = (load_cifarfs if dataset == "cifarfs" else load_fc100)(root)
-        return {split: ImageClasses(*splits[split]) for split in SPLITS}
-    if dataset == "tieredimagenet":
-        from tasks.tiered_imagenet import load_tiered_imagenet
-
-        return {split: load_tiered_imagenet(root, split) for split in SPLITS}
-    if dataset == "cub200":
-        from tasks.cub200 import load_cub200
-
-        splits = load_cub200(root)
-        return {split: ImageClasses(*splits[split]) for split in SPLITS}
-    from tasks.mini_imagenet import load_mini_imagenet
-
-    return {split: ImageClasses(*load_mini_imagenet(root, split)) for split in SPLITS}

@@ -14,12 +14,18 @@ import numpy as np
 import torch
 
 from engine.errors import DataError
+from tasks.image_classes import SPLITS, ImageClasses
 
 FOLDER = "mini-imagenet"
 
 
 def pickle_path(root: Path, split: str) -> Path:
     return root / FOLDER / f"mini-imagenet-cache-{split}.pkl"
+
+
+def load_mini_imagenet_splits(root: Path) -> dict[str, ImageClasses]:
+    """The 'train', 'validation' and 'test' splits of the three pickles."""
+    return {split: ImageClasses(*load_mini_imagenet(root, split)) for split in SPLITS}
 
 
 def load_mini_imagenet(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,7 @@ import torch
 
 from engine.checkpoint import atomic_write_bytes
 from engine.errors import DataError
+from tasks.image_classes import SPLITS, ImageClasses
 
 SUBSETS = ("images_background", "images_evaluation")
 CHARACTERS, DRAWINGS, SIZE = 1623, 20, 28
@@ -88,6 +89,12 @@ def load_omniglot(root: Path, cache_dir: Path = CACHE_DIR, workers: int = 2) -> 
     torch.save(data, buffer)
     atomic_write_bytes(cache, lambda f: f.write(buffer.getvalue()))
     return data
+
+
+def load_omniglot_splits(root: Path) -> dict[str, ImageClasses]:
+    """The meta-train / meta-validation / meta-test character splits, rotations as extra classes."""
+    data = load_omniglot(root)
+    return {split: ImageClasses(*omniglot_split(data, split)) for split in SPLITS}
 
 
 def split_characters() -> dict[str, list[int]]:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from tasks.data_files import corrupt, require_files
-from tasks.episodes import ImageClasses
+from tasks.image_classes import SPLITS, ImageClasses
 from tasks.image_datasets import unpickle_arrays
 
 FOLDER = "tiered-imagenet"
@@ -39,7 +39,12 @@ class EncodedImages(Sequence):
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def load_tiered_imagenet(root: Path, split: str) -> ImageClasses:
+def load_tiered_imagenet(root: Path) -> dict[str, ImageClasses]:
+    """The 'train', 'validation' and 'test' splits, each over its encoded images."""
+    return {split: load_split(root, split) for split in SPLITS}
+
+
+def load_split(root: Path, split: str) -> ImageClasses:
     """One split ('train', 'validation' or 'test') as ImageClasses over the encoded images."""
     name = FILE_SPLITS[split]
     images_path, labels_path = require_files(root / FOLDER, [f"{name}_images_png.pkl", f"{name}_labels.pkl"],

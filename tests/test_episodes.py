@@ -13,14 +13,9 @@ from PIL import Image
 
 import tasks.omniglot as omniglot_module
 from engine.errors import ConfigError, DataError
-from tasks.episodes import (
-    EpisodeSampler,
-    ImageClasses,
-    check_episodes_fit,
-    load_splits,
-    python_random,
-    split_episode,
-)
+from tasks.episodes import EpisodeSampler, check_episodes_fit, python_random, split_episode
+from tasks.fewshot_datasets import load_splits
+from tasks.image_classes import ImageClasses
 from tasks.mini_imagenet import load_mini_imagenet, pickle_path
 from tasks.omniglot import ROTATIONS, SPLIT_SIZES, SUBSETS, load_omniglot, split_characters
 

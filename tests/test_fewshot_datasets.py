@@ -16,7 +16,8 @@ from PIL import Image
 import train
 from engine.errors import DataError
 from tasks.cifar100_fewshot import FC100_SUPERCLASSES
-from tasks.episodes import import_learn2learn, load_splits
+from tasks.fewshot_datasets import load_splits
+from tasks.learn2learn_import import import_learn2learn
 
 NAMES = [f"class_{i:03d}" for i in range(100)]  # CIFAR-100's meta file names the fine classes in label order
 PER_CLASS = {"train": 2, "test": 1}

@@ -12,7 +12,7 @@ from engine.config import build_config
 from engine.run_dir import RunDir
 from npbml.config import EpisodicConfig
 from npbml.pretrain import pretrain_backbone
-from tasks.episodes import ImageClasses
+from tasks.image_classes import ImageClasses
 
 
 def synthetic_classes(classes: int = 5, per_class: int = 20) -> ImageClasses:

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Every module that reaches learn2learn, each in a fresh interpreter (gym prints its banner once per process).
 MODULES = ["tasks.episodes", "npbml", "npbml.learners", "npbml.meta_trainer", "engine.experiment", "train",
            "compare"]
-LEARN2LEARN = ("from tasks.episodes import ImageClasses, build_taskset; import torch; "
+LEARN2LEARN = ("from tasks.episodes import build_taskset; from tasks.image_classes import ImageClasses; "
+               "import torch; "
                "build_taskset(ImageClasses(torch.zeros(12, 1, 2, 2, dtype=torch.uint8), "
                "torch.arange(6).repeat_interleave(2)), ways=2, shots=1, query=1).sample()")
 
