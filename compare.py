@@ -479,7 +479,7 @@ def check_cells(cells: list[Cell], overrides: list[str]) -> None:
             data = load_yaml(cell.config)
             for assignment in [f"seed={cell.seed}", *overrides, *cell.sets]:
                 apply_override(data, assignment)
-            resolve_config(data)
+            resolve_config(data, train.FAMILIES)
         except ConfigError as exc:
             problems.append(f"{cell.label}: {exc}")
     if problems:

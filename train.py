@@ -12,8 +12,17 @@ import os
 import sys
 from pathlib import Path
 
+from adalfl import config as single_task
+from adalfl import trainer as single_task_trainer
 from engine.errors import UserError
-from engine.experiment import run_experiment
+from engine.experiment import Family, run_experiment
+from npbml import config as episodic
+from npbml import meta_trainer as episodic_trainer
+
+FAMILIES = (  # every kind of experiment train.py runs, told apart by the config's method
+    Family(single_task.METHODS, single_task.SingleTaskConfig, single_task_trainer.train),
+    Family(episodic.METHODS, episodic.EpisodicConfig, episodic_trainer.train),
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run_experiment(
+            FAMILIES,
             config_path=args.config,
             resume=args.resume,
             overrides=args.overrides,

@@ -12,6 +12,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from engine.errors import require
+from engine.run_config import RunConfig
 from tasks.models import MODELS
 
 Method = Literal["ce", "mse", "label_smoothing", "sparse_lsr", "taylorglo", "evomal", "ml3", "adalfl"]
@@ -211,12 +212,8 @@ class LogConfig:
 
 
 @dataclass
-class SingleTaskConfig:
+class SingleTaskConfig(RunConfig):
     method: Method
-    name: str | None = None  # run folder name under runs/; default <config>-<date>-<time>
-    seed: int = 0
-    device: str = "auto"  # auto picks CUDA when present
-    threads: int | None = None  # torch CPU threads, set for every family by engine/experiment.py; null: default
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -229,4 +226,5 @@ class SingleTaskConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(0.0 <= self.label_smoothing < 1.0, f"label_smoothing = {self.label_smoothing} must lie in [0, 1)")

@@ -18,8 +18,5 @@ def resolve_device(name: str) -> torch.device:
 
 def set_threads(threads: int | None) -> None:
     """`torch.set_num_threads(threads)`; None keeps torch's default."""
-    if threads is None:
-        return
-    if threads < 1:
-        raise ConfigError(f"threads = {threads} must be at least 1 (or null for torch's default)")
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)

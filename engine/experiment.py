@@ -1,12 +1,13 @@
 """From a config file (or a run folder) to a finished run: validate, join torchrun's process group (when
-started by torchrun), set the CPU threads, create the folder (rank 0), dispatch."""
+started by torchrun), set the CPU threads, create the folder (rank 0), dispatch to the run's family (the
+caller, train.py, says which families there are)."""
 
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +19,23 @@ from engine.run_dir import default_run_name, discard_unstarted, existing_run_dir
 from engine.run_lock import RunLock
 
 
-def trainer_families() -> list[tuple[tuple[str, ...], type, str]]:
-    """(methods, config dataclass, module whose `train` runs them) for each kind of experiment."""
-    from adalfl.config import METHODS as SINGLE_TASK_METHODS
-    from adalfl.config import SingleTaskConfig
-    from npbml.config import METHODS as EPISODIC_METHODS
-    from npbml.config import EpisodicConfig
+@dataclass(frozen=True)
+class Family:
+    """One kind of experiment: its methods, its config schema (a RunConfig) and the function that trains a run,
+    `train(config, run=, data_root=, resume=) -> results`."""
 
-    return [
-        (SINGLE_TASK_METHODS, SingleTaskConfig, "adalfl.trainer"),
-        (EPISODIC_METHODS, EpisodicConfig, "npbml.meta_trainer"),
-    ]
+    methods: tuple[str, ...]
+    schema: type
+    train: Callable[..., dict[str, Any]]
 
 
-def resolve_config(data: dict[str, Any]) -> tuple[Any, Callable[..., dict[str, Any]]]:
-    """Pick the config schema from `method`, validate `data` against it, and find its trainer."""
-    families = trainer_families()
+def resolve_config(data: dict[str, Any], families: Sequence[Family]) -> tuple[Any, Callable[..., dict[str, Any]]]:
+    """Pick the family from `method`, validate `data` against its schema; (config, the family's train)."""
     method = data.get("method")
-    for methods, schema, module in families:
-        if method in methods:
-            return build_config(schema, data), importlib.import_module(module).train
-    valid = [m for methods, _, _ in families for m in methods]
+    for family in families:
+        if method in family.methods:
+            return build_config(family.schema, data), family.train
+    valid = [m for family in families for m in family.methods]
     near = difflib.get_close_matches(str(method), valid, n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
     raise ConfigError(f"method = {method!r} is not valid{hint}; choose one of: {', '.join(valid)}")
@@ -53,6 +50,7 @@ def resolve_data_root(flag: str | None, configured: str | None) -> Path:
 
 
 def run_experiment(
+    families: Sequence[Family],
     config_path: Path | None,
     resume: Path | None,
     overrides: list[str],
@@ -69,14 +67,14 @@ def run_experiment(
         run = existing_run_dir(resume)
         data = load_yaml(run.config)
         started_with = data.pop("world_size", 1)
-        config, train = resolve_config(data)
+        config, train = resolve_config(data, families)
     else:
         if take_over:
             raise UserError("--take-over takes over a killed run's folder to resume it; use it with --resume")
         data = load_yaml(config_path)
         for assignment in overrides:
             apply_override(data, assignment)
-        config, train = resolve_config(data)
+        config, train = resolve_config(data, families)
     lock = None
     try:
         size = join(config.device).size

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from engine.errors import ConfigError, require
+from engine.errors import require
+from engine.run_config import RunConfig
 from tasks.fewshot_datasets import FEWSHOT_DATASETS
 
 METHODS = ("maml", "metasgd", "npbml")
@@ -124,12 +125,8 @@ class LogConfig:
 
 
 @dataclass
-class EpisodicConfig:
+class EpisodicConfig(RunConfig):
     method: Method
-    name: str | None = None
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = None  # torch CPU threads, set for every family by engine/experiment.py; null: default
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
@@ -140,6 +137,7 @@ class EpisodicConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         positive = {
             "data.ways": self.data.ways, "data.shots": self.data.shots, "data.query": self.data.query,
             "inner.steps": self.inner.steps, "outer.meta_batch": self.outer.meta_batch,
@@ -149,44 +147,30 @@ class EpisodicConfig:
             "model.filters": self.model.filters, "inner.transductive_shots": self.inner.transductive_shots,
         }
         for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{key} = {value} must be at least 1")
-        if self.data.ways < 2:
-            raise ConfigError(f"data.ways = {self.data.ways} must be at least 2")
-        if self.inner.eval_steps is not None and self.inner.eval_steps < 1:
-            raise ConfigError(f"inner.eval_steps = {self.inner.eval_steps} must be at least 1 (or null)")
-        if self.method != "npbml" and (self.inner.momentum or self.inner.nesterov or self.inner.weight_decay):
-            raise ConfigError(
-                f"method {self.method} adapts with plain SGD: set inner.momentum=0, "
-                "inner.nesterov=false and inner.weight_decay=0 (they are NPBML inner-loop options)"
-            )
-        if self.model.adapted_blocks is not None:
-            if self.method != "npbml":
-                raise ConfigError(
-                    f"model.adapted_blocks is an NPBML option; method {self.method} adapts every block: "
-                    "set model.adapted_blocks=null"
-                )
-            if not 0 <= self.model.adapted_blocks <= BLOCKS:
-                raise ConfigError(
-                    f"model.adapted_blocks = {self.model.adapted_blocks} must be between 0 and {BLOCKS} (or null)"
-                )
-        if self.model.adapted_blocks == 0 and self.method == "npbml" and self.components.warp:
-            raise ConfigError(
+            require(value >= 1, f"{key} = {value} must be at least 1")
+        require(self.data.ways >= 2, f"data.ways = {self.data.ways} must be at least 2")
+        require(self.inner.eval_steps is None or self.inner.eval_steps >= 1,
+                f"inner.eval_steps = {self.inner.eval_steps} must be at least 1 (or null)")
+        require(self.method == "npbml" or not (self.inner.momentum or self.inner.nesterov or self.inner.weight_decay),
+                f"method {self.method} adapts with plain SGD: set inner.momentum=0, inner.nesterov=false and "
+                "inner.weight_decay=0 (they are NPBML inner-loop options)")
+        blocks = self.model.adapted_blocks
+        require(blocks is None or self.method == "npbml",
+                f"model.adapted_blocks is an NPBML option; method {self.method} adapts every block: "
+                "set model.adapted_blocks=null")
+        require(blocks is None or 0 <= blocks <= BLOCKS,
+                f"model.adapted_blocks = {blocks} must be between 0 and {BLOCKS} (or null)")
+        require(not (blocks == 0 and self.method == "npbml" and self.components.warp),
                 "model.adapted_blocks = 0 adapts only the head, and warp layers sit after adapted blocks: "
-                "set components.warp=false or model.adapted_blocks >= 1"
-            )
+                "set components.warp=false or model.adapted_blocks >= 1")
         terms = self.components.loss_terms
-        if self.components.learned_loss and (not terms or len(set(terms)) < len(terms)):
-            raise ConfigError(f"components.loss_terms = {terms} must name each learned term once, at least one of "
-                              "support, query, regulariser (components.learned_loss=false removes them all)")
-        if self.inner.transductive_shots > self.data.query:
-            raise ConfigError(
-                f"inner.transductive_shots = {self.inner.transductive_shots} exceeds data.query = {self.data.query}"
-            )
-        if self.inner.nesterov and not self.inner.momentum:
-            raise ConfigError("inner.nesterov = true needs inner.momentum > 0")
-        if self.outer.lr <= 0 or self.inner.lr <= 0:
-            raise ConfigError("inner.lr and outer.lr must be positive")
+        require(not self.components.learned_loss or (bool(terms) and len(set(terms)) == len(terms)),
+                f"components.loss_terms = {terms} must name each learned term once, at least one of "
+                "support, query, regulariser (components.learned_loss=false removes them all)")
+        require(self.inner.transductive_shots <= self.data.query,
+                f"inner.transductive_shots = {self.inner.transductive_shots} exceeds data.query = {self.data.query}")
+        require(not self.inner.nesterov or bool(self.inner.momentum), "inner.nesterov = true needs inner.momentum > 0")
+        require(self.outer.lr > 0 and self.inner.lr > 0, "inner.lr and outer.lr must be positive")
 
     @property
     def eval_steps(self) -> int:

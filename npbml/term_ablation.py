@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 
 from engine.checkpoint import load_checkpoint
-from engine.config import load_yaml
+from engine.config import build_config, load_yaml
 from engine.device import resolve_device
 from engine.distributed import device_for
 from engine.errors import UserError
-from engine.experiment import resolve_config, resolve_data_root
+from engine.experiment import resolve_data_root
 from engine.run_dir import existing_run_dir, write_text_atomic
 from npbml.config import EpisodicConfig
 from npbml.learners import build_learner
@@ -41,8 +41,8 @@ def ablate(run_path: Path, tasks: int, data_root: str | None) -> dict[str, dict[
     run = existing_run_dir(run_path)
     data = load_yaml(run.config)
     data.pop("world_size", None)
-    config, _ = resolve_config(data)
-    if not isinstance(config, EpisodicConfig) or config.method != "npbml" or not config.components.learned_loss:
+    config = build_config(EpisodicConfig, data) if data.get("method") == "npbml" else None
+    if config is None or not config.components.learned_loss:
         raise UserError(f"{run_path} is not an NPBML run with the learned loss (components.learned_loss: true); "
                         "pass the folder of such a run")
     if not run.best_checkpoint.is_file():

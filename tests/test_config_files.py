@@ -10,6 +10,7 @@ import pytest
 from engine.config import load_yaml
 from engine.errors import ConfigError
 from engine.experiment import resolve_config
+from train import FAMILIES
 
 
 def write(path: Path, text: str) -> Path:
@@ -55,7 +56,7 @@ def test_every_data_set_has_both_shots_and_both_backbones() -> None:
 @pytest.mark.parametrize("name", NAMED)
 def test_an_episodic_config_holds_what_its_name_says(name) -> None:
     method, dataset, ways, shots, backbone = EPISODIC.fullmatch(name).groups()
-    config, _ = resolve_config(load_yaml(Path("configs") / name))
+    config, _ = resolve_config(load_yaml(Path("configs") / name), FAMILIES)
     assert config.method == method and config.data.dataset == DATASETS[dataset]
     assert (config.data.ways, config.data.shots) == (int(ways), int(shots))
     assert config.model.backbone == (backbone or "conv4")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from test_hparams import read_hparams
 
 import npbml.meta_trainer as meta_trainer
 import train
+from npbml.config import EpisodicConfig
 
 TINY = ["model.filters=8", "data.query=2", "inner.steps=1", "outer.iterations=2", "outer.meta_batch=2",
         "eval.every=2", "eval.val_tasks=2", "eval.test_tasks=3", "log.every=1", "log.checkpoint_every=2",
@@ -151,7 +153,9 @@ def test_threads_are_set_before_training(tmp_path: Path, monkeypatch: pytest.Mon
         seen.append(torch.get_num_threads())
         return {}
 
-    monkeypatch.setattr(meta_trainer, "train", record_threads)
+    record = replace(train.FAMILIES[1], train=record_threads)
+    assert record.schema is EpisodicConfig
+    monkeypatch.setattr(train, "FAMILIES", (train.FAMILIES[0], record))
     before = torch.get_num_threads()
     try:
         for threads in (2, 1):

@@ -168,5 +168,6 @@ def test_a_cross_domain_set_of_another_image_shape_is_one_clear_error(tmp_path, 
 def test_every_shipped_config_validates(config) -> None:
     from engine.config import load_yaml
     from engine.experiment import resolve_config
+    from train import FAMILIES
 
-    resolve_config(load_yaml(Path("configs") / config))
+    resolve_config(load_yaml(Path("configs") / config), FAMILIES)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import adalfl.trainer
 import train
+from adalfl.config import SingleTaskConfig
 from engine.interrupt import StopRequest
 
 QUICK = [
@@ -218,7 +220,9 @@ def test_optimizer_settings_that_do_not_fit_get_one_clear_message(tmp_path, shar
 
 def test_threads_sets_torch_threads_for_a_single_task_run(tmp_path, shared_data, monkeypatch) -> None:
     seen = []
-    monkeypatch.setattr(adalfl.trainer, "train", lambda *a, **k: seen.append(torch.get_num_threads()) or {})
+    record = replace(train.FAMILIES[0], train=lambda *a, **k: seen.append(torch.get_num_threads()) or {})
+    assert record.schema is SingleTaskConfig
+    monkeypatch.setattr(train, "FAMILIES", (record, *train.FAMILIES[1:]))
     before = torch.get_num_threads()
     try:
         assert run_train(tmp_path, shared_data, "ce_mnist", "threads", *QUICK, "--set", "threads=2") == 0
