@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 
 import train
-from adalfl import figures
+from engine import figures
 from engine.config import apply_override, load_yaml
 from engine.errors import ConfigError
 from engine.experiment import resolve_config

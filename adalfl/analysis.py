@@ -1,19 +1,14 @@
-"""Readouts of the learned loss: its shape l(y, p) over predictions, as numbers and as a figure; the
+"""Readouts of the learned loss: its shape l(y, p) over predictions (drawn by engine.figures); the
 gradient-norm ratio to the task loss (the implicit learning-rate schedule), argmin_p l(1, p) (adaptive
 label smoothing) and the model's mean confidence (softmax saturation)."""
 
 from __future__ import annotations
 
-import matplotlib
+import torch
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from torch import nn  # noqa: E402
-
-from adalfl.loss_network import OutputWiseLoss  # noqa: E402
-from adalfl.online_step import Batch, LossFn, batch_statistics_only  # noqa: E402
+from adalfl.loss_network import OutputWiseLoss
+from adalfl.online_step import Batch, LossFn, batch_statistics_only
 
 TARGET_VALUES = (1.0, 0.0)
 
@@ -79,16 +74,3 @@ def mean_confidence(model: nn.Module, inputs: torch.Tensor) -> float:
     devices = [torch.cuda.current_device()] if inputs.is_cuda else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices), batch_statistics_only(model):
         return model(inputs).softmax(dim=-1).amax(dim=-1).mean().item()
-
-
-def loss_shape_figure(shape: dict[str, list[float]], title: str) -> Figure:
-    """The curves of `loss_shape` in one plot (the papers' Figure 1 view)."""
-    figure, axis = plt.subplots(figsize=(4.5, 3.2), dpi=100)
-    for y in TARGET_VALUES:
-        axis.plot(shape["prediction"], shape[f"y={y:g}"], label=f"y = {y:g}")
-    axis.set_xlabel("prediction p")
-    axis.set_ylabel("learned loss l(y, p)")
-    axis.set_title(title)
-    axis.legend()
-    figure.tight_layout()
-    return figure

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from adalfl.adaptive_loss import AdaptiveLoss, regression_loss
-from adalfl.analysis import argmin_prediction, gradient_norm_ratio, loss_shape, loss_shape_figure, mean_confidence
+from adalfl.analysis import argmin_prediction, gradient_norm_ratio, loss_shape, mean_confidence
 from adalfl.config import SingleTaskConfig
 from adalfl.evomal import Episode, Evaluation, EvoMALLoss, EvoMALSearch, improves_predictions, local_search
 from adalfl.gp_expression import Expression
@@ -50,6 +50,7 @@ from engine.distributed import (
     world,
 )
 from engine.errors import ConfigError, NonFiniteError
+from engine.figures import loss_shape_figure
 from engine.hparams import log_hparams
 from engine.interrupt import StopRequest
 from engine.nonfinite_guard import NonFiniteGuard

@@ -38,6 +38,7 @@ from engine.distributed import (
     world,
 )
 from engine.errors import ConfigError
+from engine.figures import support_shape_figure
 from engine.hparams import log_hparams
 from engine.interrupt import StopRequest
 from engine.nonfinite_guard import NonFiniteGuard
@@ -286,18 +287,8 @@ def _log_loss_shape(writer: EventWriter, learner: nn.Module, iteration: int) -> 
     loss = getattr(learner, "loss", None)
     if loss is None or loss.support_net is None:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     margins = torch.linspace(-6.0, 6.0, 61)
-    figure, axis = plt.subplots(figsize=(4, 3))
-    axis.plot(margins, loss.support_curve(margins), label="CE + L_S (learned)")
-    axis.plot(margins, torch.nn.functional.cross_entropy(
-        torch.stack([margins] + [torch.zeros_like(margins)] * (loss.ways - 1), 1),
-        torch.zeros(len(margins), dtype=torch.long), reduction="none"), "--", label="CE")
-    axis.set_xlabel("true-class logit (others 0)")
-    axis.legend()
-    figure.tight_layout()
+    ce = torch.nn.functional.cross_entropy(torch.stack([margins] + [torch.zeros_like(margins)] * (loss.ways - 1), 1),
+                                           torch.zeros(len(margins), dtype=torch.long), reduction="none")
+    figure = support_shape_figure(margins.tolist(), loss.support_curve(margins).tolist(), ce.tolist())
     writer.add_figure("learned_loss/support_shape", figure, iteration)

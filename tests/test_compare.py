@@ -191,7 +191,7 @@ def test_sweep_seeds_outside_the_grid_are_refused(capsys) -> None:
 
 
 def test_every_label_of_a_figure_gets_its_own_colour() -> None:
-    from adalfl.figures import COLOURS, label_colours
+    from engine.figures import COLOURS, label_colours
 
     labels = ["ce", "adalfl", "ml3", *(f"ce@optimizer.lr={v}" for v in (0.01, 0.03, 0.1, 0.3)), "a", "b", "c"]
     colours = label_colours(labels)

@@ -1,6 +1,8 @@
-"""Figures of a comparison grid (compare.py): learning curves (the AdaLFL paper's Figure 3), the learned
-loss's evolution coloured by step (Figures 1 and 4), the analysis readouts, and accuracy bars with
-confidence intervals for episodic (NPBML) grids. Each function writes one PNG."""
+"""Every figure the project draws: a comparison grid's learning curves (the AdaLFL paper's Figure 3), the
+learned loss's evolution coloured by step (Figures 1 and 4), the analysis readouts and accuracy bars with
+confidence intervals (compare.py), and the learned-loss shapes runs log to TensorBoard. Figures are built on
+`matplotlib.figure.Figure` directly, never through pyplot, so drawing one leaves the process's matplotlib backend
+as it was."""
 
 from __future__ import annotations
 
@@ -10,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
 
 DPI = 100
 # the same method has the same colour in every figure
@@ -38,7 +39,6 @@ def mean_band(runs: Sequence[Series], key: str, log: bool = False) -> tuple[np.n
 def _save(figure: Figure, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=DPI)
-    plt.close(figure)
     return path
 
 
@@ -49,8 +49,8 @@ def label_colours(labels: Sequence[str]) -> dict[str, str]:
     spare = iter(c for c in (f"tab:{n}" for n in ("gray", "olive", "cyan", "brown", "red", "purple", "orange",
                                                     "pink", "blue", "green")) if c not in reserved)
     # the light shades of tab20, distinct from the methods', then tab20b and tab20c
-    spare_more = itertools.cycle([*plt.get_cmap("tab20").colors[1::2], *plt.get_cmap("tab20b").colors,
-                                  *plt.get_cmap("tab20c").colors])
+    spare_more = itertools.cycle([*matplotlib.colormaps["tab20"].colors[1::2], *matplotlib.colormaps["tab20b"].colors,
+                                  *matplotlib.colormaps["tab20c"].colors])
     return {label: COLOURS.get(label) or next(spare, None) or next(spare_more) for label in labels}
 
 
@@ -69,7 +69,8 @@ def learning_curves(histories: Mapping[str, Sequence[Series]], metric: str, path
                     colours: Mapping[str, str] | None = None) -> Path:
     """Validation and test `metric` against gradient steps, mean over seeds with a +-1 std band; `colours`
     (label -> colour, by default label_colours') keeps a label's colour the same across a grid's figures."""
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    figure = Figure(figsize=(10, 3.8))
+    axes = figure.subplots(1, 2, sharey=True)
     for axis, split in zip(axes, ("val", "test"), strict=True):
         _bands(axis, histories, f"{split}_{metric}", colours=colours)
         axis.set_xlabel("gradient steps")
@@ -90,7 +91,8 @@ def readout_curves(readouts: Mapping[str, Sequence[Series]], path: Path, steps: 
               ("argmin_p_y1", "argmin_p l(y=1, p)", "where l(1, p) is minimal")]
     if all("confidence" in r for runs in readouts.values() for run in runs for r in run):
         panels.append(("confidence", "mean max softmax probability", "confidence (saturation)"))
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
+    figure = Figure(figsize=(5 * len(panels), 3.8))
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
     for axis, (key, ylabel, title) in zip(axes, panels, strict=True):
         _bands(axis, readouts, key, log=key == "grad_norm_ratio", colours=colours)
         if key == "grad_norm_ratio":
@@ -108,8 +110,9 @@ def loss_evolution(shapes: Sequence[Mapping[str, Any]], title: str, path: Path) 
     """l(y=1, p) and l(y=0, p) at each logged step of phase 2, coloured by step; the end of phase 1 dashed."""
     online = [s for s in shapes if s["phase"] == "online"]
     last_step = max((s["step"] for s in online), default=1) or 1
-    colours = plt.get_cmap("viridis")
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    colours = matplotlib.colormaps["viridis"]
+    figure = Figure(figsize=(10, 3.8))
+    axes = figure.subplots(1, 2)
     for axis, target in zip(axes, ("y=1", "y=0"), strict=True):
         for shape in shapes:
             if shape["phase"] == "init":
@@ -122,14 +125,15 @@ def loss_evolution(shapes: Sequence[Mapping[str, Any]], title: str, path: Path) 
         axis.grid(alpha=0.3)
     if any(s["phase"] == "init" for s in shapes):
         axes[0].legend()
-    mappable = plt.cm.ScalarMappable(cmap=colours, norm=plt.Normalize(0, last_step))
+    mappable = ScalarMappable(cmap=colours, norm=Normalize(0, last_step))
     figure.colorbar(mappable, ax=axes[1], label="gradient step")
     return _save(figure, path)
 
 
 def accuracy_bars(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Mean test accuracy per method or ablation with its 95% confidence interval as error bars."""
-    figure, axis = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 1.5), 3.8))
+    figure = Figure(figsize=(max(4.0, 1.2 * len(rows) + 1.5), 3.8))
+    axis = figure.subplots()
     labels = [r["method"] for r in rows]
     errors = [r["ci95"] if r["ci95"] is not None else 0.0 for r in rows]
     axis.bar(labels, [r["mean"] for r in rows], yerr=errors, capsize=5, color="tab:blue", alpha=0.8)
@@ -137,3 +141,30 @@ def accuracy_bars(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     axis.set_title("test accuracy per method")
     axis.grid(axis="y", alpha=0.3)
     return _save(figure, path)
+
+
+def loss_shape_figure(shape: Mapping[str, Sequence[float]], title: str) -> Figure:
+    """A learned loss's curves l(y, p) over the predictions p (the papers' Figure 1 view): `shape` holds
+    "prediction" and one "y=<target>" curve per target."""
+    figure = Figure(figsize=(4.5, 3.2), dpi=100)
+    axis = figure.subplots()
+    for key in (k for k in shape if k.startswith("y=")):
+        axis.plot(shape["prediction"], shape[key], label=f"y = {key[2:]}")
+    axis.set_xlabel("prediction p")
+    axis.set_ylabel("learned loss l(y, p)")
+    axis.set_title(title)
+    axis.legend()
+    figure.tight_layout()
+    return figure
+
+
+def support_shape_figure(margins: Sequence[float], learned: Sequence[float], ce: Sequence[float]) -> Figure:
+    """NPBML's learned support loss (CE + L_S) and CE alone against the true-class logit, the others at 0."""
+    figure = Figure(figsize=(4, 3))
+    axis = figure.subplots()
+    axis.plot(margins, learned, label="CE + L_S (learned)")
+    axis.plot(margins, ce, "--", label="CE")
+    axis.set_xlabel("true-class logit (others 0)")
+    axis.legend()
+    figure.tight_layout()
+    return figure
