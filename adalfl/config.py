@@ -13,7 +13,7 @@ import torch
 
 from engine.errors import require
 from engine.run_config import RunConfig
-from tasks.models import MODELS
+from tasks.models import SINGLE_TASK_MODELS
 
 Method = Literal["ce", "mse", "label_smoothing", "sparse_lsr", "taylorglo", "evomal", "ml3", "adalfl"]
 """ce / mse / label_smoothing / sparse_lsr: handcrafted loss; taylorglo: a Taylor-polynomial loss searched by CMA-ES,
@@ -38,9 +38,9 @@ class ModelConfig:
     name: str = "resnet18"
 
     def __post_init__(self) -> None:
-        near = difflib.get_close_matches(self.name, MODELS, n=1)
-        require(self.name in MODELS, f"model.name = {self.name!r} is not valid"
-                f"{f' (did you mean {near[0]!r}?)' if near else ''}; choose one of: {', '.join(MODELS)}")
+        near = difflib.get_close_matches(self.name, SINGLE_TASK_MODELS, n=1)
+        require(self.name in SINGLE_TASK_MODELS, f"model.name = {self.name!r} is not valid"
+                f"{f' (did you mean {near[0]!r}?)' if near else ''}; choose one of: {', '.join(SINGLE_TASK_MODELS)}")
 
 
 @dataclass

@@ -8,6 +8,7 @@ from typing import Literal
 from engine.errors import require
 from engine.run_config import RunConfig
 from tasks.fewshot_datasets import FEWSHOT_DATASETS
+from tasks.models import BACKBONES
 
 METHODS = ("maml", "metasgd", "npbml")
 Method = Literal["maml", "metasgd", "npbml"]
@@ -29,7 +30,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: Literal["conv4", "resnet12"] = "conv4"
+    backbone: Literal[BACKBONES] = "conv4"  # the model registry's episodic backbones
     filters: int = 64  # conv4: every block; resnet12: the first block (x2.5, x5, x10 after)
     # NPBML: blocks (from the top) adapted in the inner loop, with warp and FiLM layers; the blocks
     # below are meta-learned but fixed in the inner loop. null: all four (maml / metasgd always adapt all).

@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from npbml.backbones import Backbone, adapted_names, build_backbone, is_meta_only
 from npbml.batch_norm import with_vmap_safe_batch_norm
 from npbml.config import ComponentsConfig, EpisodicConfig
 from npbml.task_loss import TaskAdaptiveLoss
+from tasks.backbones import Backbone, adapted_names, is_meta_only
 from tasks.episodes import Episode
 from tasks.learn2learn_import import import_learn2learn
+from tasks.models import build_model
 
 
 def query_result(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,9 +214,10 @@ def build_learner(config: EpisodicConfig, in_shape: tuple[int, int, int]) -> nn.
     adapted blocks' batch norm is the vmap-safe one, and MAML / Meta-SGD are the functional learner with only the
     initialisation (and the per-parameter learning rates) meta-learned."""
     npbml = config.method == "npbml"
-    backbone = build_backbone(
-        config.model.backbone, in_shape, config.data.ways, config.model.filters, config.model.adapted_blocks,
-        warp=npbml and config.components.warp, film=npbml and config.components.film,
+    backbone = build_model(
+        config.model.backbone, in_shape, config.data.ways, filters=config.model.filters,
+        adapted_blocks=config.model.adapted_blocks, warp=npbml and config.components.warp,
+        film=npbml and config.components.film,
     )
     if not config.outer.vectorize_tasks:
         return NPBML(backbone, config) if npbml else \

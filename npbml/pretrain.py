@@ -18,9 +18,10 @@ from engine.distributed import EventWriter, all_reduce_mean_, any_rank, barrier,
 from engine.interrupt import StopRequest
 from engine.rng import step_generator
 from engine.run_dir import RunDir
-from npbml.backbones import Backbone, build_backbone
 from npbml.config import EpisodicConfig
+from tasks.backbones import Backbone
 from tasks.image_classes import ImageClasses
+from tasks.models import build_model
 
 PRETRAIN_STREAM = 3
 
@@ -47,7 +48,7 @@ def pretrain_backbone(config: EpisodicConfig, data: ImageClasses, in_shape: tupl
     check_divisible(cfg.batch_size, "examples per pre-training batch", "pretrain.batch_size")
     labels = torch.tensor(data.labels)
     torch.manual_seed(config.seed)
-    model = build_backbone(config.model.backbone, in_shape, int(labels.max()) + 1, config.model.filters).to(device)
+    model = build_model(config.model.backbone, in_shape, int(labels.max()) + 1, filters=config.model.filters).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adalfl.loss_network import LossMLP, SmoothLeakyReLU
-from npbml.film import FiLM
+from tasks.film import FiLM
 
 LEARNED_TERMS = ("support", "query", "regulariser")  # L_S, L_Q, R: the terms with a loss network
 

@@ -1,6 +1,11 @@
-"""Base models for single-task supervised learning, built by name for a task's input shape.
+"""The one model registry: every network the project builds, by name, for a task's input shape and outputs.
 
-Convolutional models take (C, H, W) images of MNIST (1x28x28) or CIFAR (3x32x32) size: they end in
+`MODELS` holds each model's builder, `build(input_shape, num_outputs, **options)`, with the inputs it takes and
+whether it is an episodic backbone (tasks/backbones.py: a trunk and adapted blocks, with the options `filters`,
+`adapted_blocks`, `warp` and `film`) or a single-task network (no options). To add a model, write its builder
+and give it one line in `MODELS`.
+
+The single-task convolutional models take (C, H, W) images of MNIST (1x28x28) or CIFAR (3x32x32) size: they end in
 adaptive average pooling or compute their flattened size. No module works in place (no
 ReLU(inplace=True), no `+=`), because the trainer differentiates through the models in forward mode.
 """
@@ -9,11 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.errors import ConfigError
+from tasks.backbones import conv4, resnet12
 
 MLP_WIDTH = 1000  # two hidden layers of 1000 units, the MLP of Baydin et al. (2018) used by the AdaLFL family
 
@@ -216,28 +224,41 @@ def wrn28_10(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     return wide_resnet(28, 10, input_shape, num_outputs)
 
 
-MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
-    "linear": linear,
-    "mlp": mlp,
-    "lenet5": lenet5,
-    "allcnnc": allcnnc,
-    "vgg16": vgg16,
-    "resnet18": resnet18,
-    "wrn16_8": wrn16_8,
-    "wrn28_10": wrn28_10,
-    "mlp_torch_init": mlp_torch_init,  # this project's MLP and LeNet-5 before they became the authors' (README)
-    "lenet5_relu": lenet5_relu,
+@dataclass(frozen=True)
+class ModelEntry:
+    build: Callable[..., nn.Module]  # build(input_shape, num_outputs, **options)
+    inputs: Literal["flat", "image"]  # flat feature vectors, or (channels, height, width) images
+    episodic: bool = False  # an episodic backbone (trunk + adapted blocks) rather than a single-task network
+
+
+MODELS: dict[str, ModelEntry] = {
+    "linear": ModelEntry(linear, "flat"),
+    "mlp": ModelEntry(mlp, "flat"),
+    "lenet5": ModelEntry(lenet5, "image"),
+    "allcnnc": ModelEntry(allcnnc, "image"),
+    "vgg16": ModelEntry(vgg16, "image"),
+    "resnet18": ModelEntry(resnet18, "image"),
+    "wrn16_8": ModelEntry(wrn16_8, "image"),
+    "wrn28_10": ModelEntry(wrn28_10, "image"),
+    # this project's MLP and LeNet-5 before they became the authors' (README)
+    "mlp_torch_init": ModelEntry(mlp_torch_init, "flat"),
+    "lenet5_relu": ModelEntry(lenet5_relu, "image"),
+    "conv4": ModelEntry(conv4, "image", episodic=True),
+    "resnet12": ModelEntry(resnet12, "image", episodic=True),
 }
-FLAT_INPUT_MODELS = frozenset({"linear", "mlp", "mlp_torch_init"})
+FLAT_INPUT_MODELS = frozenset(name for name, entry in MODELS.items() if entry.inputs == "flat")
+SINGLE_TASK_MODELS = tuple(name for name, entry in MODELS.items() if not entry.episodic)
+BACKBONES = tuple(name for name, entry in MODELS.items() if entry.episodic)
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
-    """The model `name` for inputs of `input_shape` (one example) and `num_outputs` outputs."""
+def build_model(name: str, input_shape: tuple[int, ...], num_outputs: int, **options: Any) -> nn.Module:
+    """The model `name` for inputs of `input_shape` (one example) and `num_outputs` outputs; `options` go to an
+    episodic backbone's builder."""
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
-    if name not in FLAT_INPUT_MODELS and len(input_shape) != 3:
+    if MODELS[name].inputs == "image" and len(input_shape) != 3:
         raise ConfigError(
             f"model {name!r} needs image inputs (channels, height, width), but this task's inputs have "
             f"shape {tuple(input_shape)}; use one of: {', '.join(sorted(FLAT_INPUT_MODELS))}"
         )
-    return MODELS[name](tuple(input_shape), num_outputs)
+    return MODELS[name].build(tuple(input_shape), num_outputs, **options)

@@ -7,10 +7,10 @@ import torch
 from torch.func import functional_call, jvp, replace_all_batch_norm_modules_
 
 from engine.errors import ConfigError
-from tasks.models import FLAT_INPUT_MODELS, MODELS, build_model
+from tasks.models import FLAT_INPUT_MODELS, SINGLE_TASK_MODELS, build_model
 
 MNIST, CIFAR, SMALL, TABULAR = (1, 28, 28), (3, 32, 32), (3, 12, 12), (10,)
-LIGHT = [name for name in MODELS if name != "wrn28_10"]
+LIGHT = [name for name in SINGLE_TASK_MODELS if name != "wrn28_10"]
 
 
 def _cases() -> list[tuple[str, tuple[int, ...], int]]:

@@ -11,13 +11,14 @@ from torch.func import functional_call
 
 from engine.config import build_config
 from engine.errors import ConfigError
-from npbml.backbones import adapted_names, build_backbone
 from npbml.config import EpisodicConfig
-from npbml.film import FiLM
 from npbml.learners import NPBML, build_learner
 from npbml.meta_trainer import mean_ci95
 from npbml.task_loss import TaskAdaptiveLoss, parameter_statistics
+from tasks.backbones import adapted_names
 from tasks.episodes import Episode
+from tasks.film import FiLM
+from tasks.models import build_model
 
 WAYS, SHOTS, QUERY = 5, 1, 3
 
@@ -196,7 +197,7 @@ def test_first_order_meta_gradient_reaches_the_trunk_and_warps_but_not_the_loss(
 
 
 def test_only_the_top_blocks_are_adapted_warped_and_conditioned() -> None:
-    model = build_backbone("conv4", (1, 28, 28), WAYS, 8, adapted_blocks=2, warp=True, film=True)
+    model = build_model("conv4", (1, 28, 28), WAYS, filters=8, adapted_blocks=2, warp=True, film=True)
     assert {n.split(".")[1] for n in adapted_names(model) if n.startswith("blocks.")} == {"2", "3"}
     assert "head.weight" in adapted_names(model)
     assert sorted(model.warps) == ["2", "3"]
@@ -220,8 +221,8 @@ def test_film_modulates_every_example_of_the_task_alike() -> None:
 
 def test_warp_layers_start_as_identity() -> None:
     torch.manual_seed(0)
-    with_warp = build_backbone("conv4", (1, 28, 28), WAYS, 8, warp=True, film=True)
-    plain = build_backbone("conv4", (1, 28, 28), WAYS, 8)
+    with_warp = build_model("conv4", (1, 28, 28), WAYS, filters=8, warp=True, film=True)
+    plain = build_model("conv4", (1, 28, 28), WAYS, filters=8)
     plain.load_state_dict({k: v for k, v in with_warp.state_dict().items() if k in plain.state_dict()})
     x = torch.rand(4, 1, 28, 28)
     assert torch.allclose(with_warp(x), plain(x), atol=1e-5)
@@ -260,7 +261,7 @@ def test_meta_test_adaptation_builds_no_graph() -> None:
 
 
 def test_resnet12_runs() -> None:
-    model = build_backbone("resnet12", (3, 32, 32), WAYS, 4, adapted_blocks=2, warp=True, film=True)
+    model = build_model("resnet12", (3, 32, 32), WAYS, filters=4, adapted_blocks=2, warp=True, film=True)
     x = torch.rand(2, 3, 32, 32)
     assert model.trunk(x).shape == (2, 10, 8, 8)
     assert model(x).shape == (2, WAYS)

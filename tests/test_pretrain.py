@@ -50,9 +50,9 @@ def test_pretraining_learns_the_meta_training_classes(tmp_path) -> None:
     assert blocks and all(name.startswith("blocks.") for name in blocks)
     state = torch.load(tmp_path / "pretrain.pt", weights_only=False)
     assert state["step"] == 30
-    from npbml.backbones import build_backbone
+    from tasks.models import build_model
 
-    model = build_backbone("conv4", (1, 28, 28), 5, 8)
+    model = build_model("conv4", (1, 28, 28), 5, filters=8)
     model.load_state_dict(state["model"])
     with torch.no_grad():
         x = torch.stack([data[i][0] for i in range(len(data))])

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from npbml.film import FiLM
+from tasks.film import FiLM
 
 META_ONLY_LAYERS = ("warps", "film")  # parameter-name parts of the layers fixed in the inner loop
 
@@ -112,27 +112,19 @@ class Backbone(nn.Module):
         return self.head(x.mean(dim=(2, 3)) if self.global_pool else x.flatten(1))
 
 
-def conv4(in_shape: tuple[int, int, int], ways: int, filters: int, adapted_blocks: int | None,
-          warp: bool, film: bool) -> Backbone:
+def conv4(in_shape: tuple[int, ...], ways: int, filters: int = 64, adapted_blocks: int | None = None,
+          warp: bool = False, film: bool = False) -> Backbone:
     """Four blocks of `filters` channels (conv3x3, BN, ReLU, 2x2 max pooling); a linear head on the flat map."""
     side = in_shape[1] // 16
     return Backbone(ConvBlock, [in_shape[0]] + [filters] * 4, filters * side * side, ways,
                     adapted_blocks, warp, film, global_pool=False)
 
 
-def resnet12(in_shape: tuple[int, int, int], ways: int, filters: int, adapted_blocks: int | None,
-             warp: bool, film: bool) -> Backbone:
+def resnet12(in_shape: tuple[int, ...], ways: int, filters: int = 64, adapted_blocks: int | None = None,
+             warp: bool = False, film: bool = False) -> Backbone:
     """ResNet-12: four residual blocks of filters x (1, 2.5, 5, 10) channels; global pooling, a linear head."""
     widths = [in_shape[0]] + [int(filters * m) for m in (1, 2.5, 5, 10)]
     return Backbone(ResBlock, widths, widths[-1], ways, adapted_blocks, warp, film, global_pool=True)
-
-
-BACKBONES = {"conv4": conv4, "resnet12": resnet12}
-
-
-def build_backbone(name: str, in_shape: tuple[int, int, int], ways: int, filters: int,
-                   adapted_blocks: int | None = None, warp: bool = False, film: bool = False) -> Backbone:
-    return BACKBONES[name](in_shape, ways, filters, adapted_blocks, warp, film)
 
 
 def is_meta_only(name: str) -> bool:
