@@ -1,6 +1,6 @@
 """The single-task experiment config: one model trained on one task with a handcrafted or learned loss.
 
-Defaults are the AdaLFL paper's CIFAR-10 protocol (see README, "Paper defaults").
+Defaults are the AdaLFL paper's CIFAR-10 protocol (see README, "AdaLFL: the defaults and why").
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class TrainConfig:
     eval_batch_size: int = 1_000
     checkpoint_every: int = 1_000
     sync_batchnorm: bool = False  # under torchrun on CUDA: batch norm over the global batch (nn.SyncBatchNorm)
-    # GPU fast path (README, "On a GPU"): auto is on for CUDA, off on the CPU.
+    # GPU fast path (README, "On a GPU: the fast path and the run's true cost"): auto is on for CUDA, off on the CPU.
     amp: Literal["auto", "bf16", "off"] = "auto"  # bf16 autocast of the model's forward passes
     channels_last: Literal["auto", "on", "off"] = "auto"  # NHWC memory format for image models and batches
     compile: bool = False  # torch.compile of the model (methods without the unrolled step; others run eagerly)
@@ -113,7 +113,7 @@ class LossNetworkConfig:
 
 @dataclass
 class MetaConfig:
-    """How the loss network is learned (ml3, adalfl); README "AdaLFL: what the defaults are and why"."""
+    """How the loss network is learned (ml3, adalfl); README, "AdaLFL: the defaults and why"."""
 
     lr: float = 1e-3  # Adam on the loss network
     init_steps: int = 300  # phase 1 (offline initialisation) meta steps (the paper: 2,500; README)

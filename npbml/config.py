@@ -79,10 +79,10 @@ class ComponentsConfig:
     film: bool = True  # FiLM in the adapted backbone blocks and the loss networks
     # The loss networks' initialisation: "small" (the reference's: weights N(0, 0.01), biases PyTorch's default),
     # "small_zero_bias" (zero biases too: the regulariser's ReLUs die early) or "zero_output" (PyTorch's default
-    # init, output layer zero); npbml/task_loss.py, README "NPBML".
+    # init, output layer zero); npbml/task_loss.py and the README's episodic section.
     loss_init: Literal["small", "small_zero_bias", "zero_output"] = "small"
     # The head starts every task at zero instead of at a meta-learned initialisation: the reference's
-    # permutation-invariant head (its shared starting row is never updated there), README "NPBML".
+    # permutation-invariant head (its shared starting row is never updated there); the README's episodic section.
     reset_head: bool = False
     # With learned_loss: which learned terms M has besides CE (support: L_S, query: L_Q, regulariser: R); without
     # "query" the inner loop sees no query examples.

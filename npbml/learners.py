@@ -1,7 +1,7 @@
 """Meta-learners: one episode in, the query loss and accuracy after adaptation out.
 
-`L2LLearner` runs MAML / Meta-SGD through learn2learn (`clone()`, `adapt()`; with `outer.vectorize_tasks` they
-run on `NPBML`'s inner loop instead, with only their own components on); `NPBML` is a functional inner loop
+`L2LLearner` runs MAML / Meta-SGD through learn2learn (`clone()`, `adapt()`). `ComponentLearner` runs NPBML, and
+MAML / Meta-SGD under `outer.vectorize_tasks` (with only their own components on): a functional inner loop
 (torch.func.functional_call over a dict of the adapted parameters) with
 the meta-learned initialisation, warp layers, learned inner learning rates, task-adaptive loss
 and FiLM each switchable; the backbone's trunk (the blocks the inner loop does not adapt) runs once
@@ -62,8 +62,10 @@ class EpisodeFeatures(NamedTuple):
     query: torch.Tensor
 
 
-class NPBML(nn.Module):
-    """Neural procedural bias meta-learning: initialisation, optimizer (warp) and loss meta-learned."""
+class ComponentLearner(nn.Module):
+    """A functional inner loop whose meta-learned components are switched on by `config.components`: all of them
+    (initialisation, optimizer as warp layers and inner learning rates, task-adaptive loss, FiLM) is NPBML; the
+    initialisation alone is MAML, with learned inner learning rates Meta-SGD."""
 
     def __init__(self, backbone: Backbone, config: EpisodicConfig) -> None:
         super().__init__()
@@ -220,12 +222,12 @@ def build_learner(config: EpisodicConfig, in_shape: tuple[int, int, int]) -> nn.
         film=npbml and config.components.film,
     )
     if not config.outer.vectorize_tasks:
-        return NPBML(backbone, config) if npbml else \
+        return ComponentLearner(backbone, config) if npbml else \
             L2LLearner(backbone, config.method, config.inner.lr, config.inner.first_order)
     for block in backbone.blocks[backbone.trunk_blocks:]:  # the adapted norms (npbml/batch_norm.py)
         with_vmap_safe_batch_norm(block)
     if npbml:
-        return NPBML(backbone, config)
+        return ComponentLearner(backbone, config)
     components = ComponentsConfig(learn_init=True, warp=False, learned_inner_lr=config.method == "metasgd",
                                   learned_loss=False, film=False)
-    return NPBML(backbone, dataclasses.replace(config, components=components))
+    return ComponentLearner(backbone, dataclasses.replace(config, components=components))

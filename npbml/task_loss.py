@@ -12,10 +12,8 @@ subset of the three learned terms can be chosen, for ablations).
 Each network is AdaLFL's `LossMLP` (hidden 40, 40, ReLU; smooth leaky ReLU output) with FiLM on every layer,
 conditioned on the mean of that layer's input rows (the task). Initialisation (`init`):
 - "small", the reference's: weights N(0, 0.01), biases PyTorch's default U(+-1/sqrt(fan_in));
-- "small_zero_bias": the same weights, zero biases. The second hidden layer's pre-activations then start within
-  ~1e-3 of zero for every input, so a few outer Adam steps (lr 1e-3) on its biases can switch the whole layer off
-  for every input: the regulariser's network died this way by meta-iteration ~250 of a 2,000-iteration Omniglot
-  run, after which R is a constant with no gradient (docs/results.md);
+- "small_zero_bias": the same weights, zero biases (the second hidden layer's pre-activations then start within
+  ~1e-3 of zero for every input, where a few outer steps can switch the layer off for every input: docs/results.md);
 - "zero_output": PyTorch's default init with a zero output layer.
 Each term is the network's output minus its output at a zero input row, a constant of the loss parameters that
 changes no gradient of the inner loop; so every term starts near 0, M starts as cross-entropy, and a term whose

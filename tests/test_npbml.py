@@ -12,7 +12,7 @@ from torch.func import functional_call
 from engine.config import build_config
 from engine.errors import ConfigError
 from npbml.config import EpisodicConfig
-from npbml.learners import NPBML, build_learner
+from npbml.learners import ComponentLearner, build_learner
 from npbml.meta_trainer import mean_ci95
 from npbml.task_loss import TaskAdaptiveLoss, parameter_statistics
 from tasks.backbones import adapted_names
@@ -174,7 +174,7 @@ def test_meta_gradient_reaches_every_meta_learned_parameter(adapted_blocks: int 
 def test_warp_and_film_are_fixed_in_the_inner_loop(adapted_blocks: int | None) -> None:
     torch.manual_seed(0)
     learner = build_learner(config(adapted_blocks), (1, 28, 28))
-    assert isinstance(learner, NPBML)
+    assert isinstance(learner, ComponentLearner)
     names = adapted_names(learner.backbone)
     assert names and not [n for n in names if "warp" in n or "film" in n]
     before = {n: p.detach().clone() for n, p in learner.backbone.named_parameters()}
