@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 
 import train
+from adalfl.methods import METHOD_COLOURS, METHOD_SPECS
 from engine import figures
 from engine.config import apply_override, load_yaml
 from engine.errors import ConfigError
@@ -49,7 +50,7 @@ from engine.run_dir import RunDir, write_text_atomic
 from engine.selection import MIN_EVALUATIONS_TO_SELECT as MIN_EVALUATIONS
 
 FINAL_METRICS = ("test_error", "test_mse", "test_accuracy")  # the first one a results.json holds is reported
-METHOD_ORDER = ("ce", "mse", "label_smoothing", "sparse_lsr", "taylorglo", "evomal", "ml3", "adalfl")
+METHOD_ORDER = tuple(METHOD_SPECS)
 SWEEP_FILE = "sweep.json"
 GRID_FILE = "grid.json"  # the grid's baseline label and the compute ratios its METHOD@compute=LABEL cells ran at
 COMPUTE_SPEC = re.compile(r"^(?P<method>\w+)@compute=(?P<reference>[^,=]+)(?P<rest>,.*)?$")
@@ -358,7 +359,7 @@ def write_summary(out: Path, rows: list[dict[str, Any]], target: Path, baseline:
 def write_figures(out: Path, groups: dict[str, list[tuple[Path, dict[str, Any]]]],
                   rows: list[dict[str, Any]]) -> list[Path]:
     written = []
-    colours = figures.label_colours(list(groups))  # one colour per label in every figure
+    colours = figures.label_colours(list(groups), METHOD_COLOURS)  # one colour per label in every figure
     histories = {label: [r["history"] for _, r in cells] for label, cells in groups.items()
                  if all(r.get("history") for _, r in cells)}
     if histories:

@@ -11,14 +11,12 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from adalfl.methods import METHOD_SPECS
 from engine.errors import require
 from engine.run_config import RunConfig
 from tasks.models import SINGLE_TASK_MODELS
 
-Method = Literal["ce", "mse", "label_smoothing", "sparse_lsr", "taylorglo", "evomal", "ml3", "adalfl"]
-"""ce / mse / label_smoothing / sparse_lsr: handcrafted loss; taylorglo: a Taylor-polynomial loss searched by CMA-ES,
-then frozen; evomal: a symbolic loss searched by genetic programming with a gradient local search, then frozen;
-ml3: loss learned offline (phase 1) then frozen; adalfl: phase 1 + online."""
+Method = Literal[tuple(METHOD_SPECS)]  # adalfl/methods.py: what each method is
 METHODS: tuple[str, ...] = get_args(Method)
 
 

@@ -28,13 +28,14 @@ from tqdm import tqdm
 from adalfl.adaptive_loss import AdaptiveLoss, regression_loss
 from adalfl.analysis import argmin_prediction, gradient_norm_ratio, loss_shape, mean_confidence
 from adalfl.config import SingleTaskConfig
-from adalfl.evomal import Episode, Evaluation, EvoMALLoss, EvoMALSearch, improves_predictions, local_search
-from adalfl.gp_expression import Expression
+from adalfl.evomal import EvoMALLoss
 from adalfl.implied_schedule import load_implied_schedule
 from adalfl.loss_network import OutputWiseLoss
-from adalfl.online_step import Batch, LossFn, StepStats, online_step
+from adalfl.loss_search import LOSS_SEARCHES, LossSearch
+from adalfl.methods import METHOD_SPECS
+from adalfl.online_step import LossFn, StepStats, online_step
 from adalfl.sparse_lsr import sparse_label_smoothing
-from adalfl.taylorglo import TaylorGLOLoss, TaylorGLOSearch
+from adalfl.streams import INIT_META_STREAM, INIT_TRAIN_STREAM, META_STREAM, TRAIN_STREAM
 from engine.checkpoint import load_checkpoint, restoring, save_checkpoint
 from engine.compute_clock import ComputeClock
 from engine.device import resolve_device
@@ -61,10 +62,6 @@ from engine.selection import best_validation, selection_summary
 from tasks.models import build_model
 from tasks.supervised import SupervisedTask, batch_indices, load_task
 
-# Independent random streams: (batch order, augmentation) per phase and split.
-TRAIN_STREAM, META_STREAM, INIT_TRAIN_STREAM, INIT_META_STREAM = 0, 1, 2, 3
-SEARCH_INIT_STREAM = 10_000_000  # + generation: the base-model initialisation of TaylorGLO's candidates
-EVOMAL_STREAM = 20_000_000  # EvoMAL's fitness (and rejection-test) model; + 1 + k: its local search's step k
 # The config to name when a run's projected wall time on a CPU exceeds a day, by data set.
 CPU_SIZED_CONFIGS = {"cifar10": "configs/adalfl_cifar_small.yaml"}
 
@@ -79,14 +76,14 @@ class SingleTaskTrainer:
         self.task: SupervisedTask = load_task(
             config.data.dataset, data_root, config.data.val_fraction, seed=config.seed, augment=config.data.augment
         ).to(self.device)
+        self.spec = METHOD_SPECS[config.method]
         self._check_method_fits_task()
         self.task_loss: LossFn = F.cross_entropy if self.task.kind == "classification" else regression_loss
-        self.handcrafted_loss: LossFn = self.task_loss
-        if config.method == "label_smoothing":
-            self.handcrafted_loss = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
-        if config.method == "sparse_lsr":
-            self.handcrafted_loss = functools.partial(sparse_label_smoothing, smoothing=config.label_smoothing)
-        self.learns_loss = config.method in ("ml3", "adalfl")
+        self.handcrafted_loss: LossFn = {
+            "label_smoothing": functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing),
+            "sparse_lsr": functools.partial(sparse_label_smoothing, smoothing=config.label_smoothing),
+        }.get(self.spec.loss, self.task_loss)
+        self.learns_loss = self.spec.learns_loss
         self.prediction = "softmax" if self.task.kind == "classification" else "identity"
         self._check_fits_world()
         cuda = self.device.type == "cuda"
@@ -95,7 +92,7 @@ class SingleTaskTrainer:
         self.channels_last = len(self.task.input_shape) == 3 and (
             train.channels_last == "on" or (train.channels_last == "auto" and cuda))
 
-        self.model, self.optimizer, self.scheduler = self._fresh_base(stream=0)
+        self.model, self.optimizer, self.scheduler = self.fresh_base(stream=0)
         self.adaptive: AdaptiveLoss | None = None
         self.loss_net: OutputWiseLoss | None = None  # the learned or searched loss in use, for readouts
         if self.learns_loss:
@@ -107,11 +104,7 @@ class SingleTaskTrainer:
                 update_every=config.meta.update_every,
             ).to(self.device)
             self.loss_net = self.adaptive.loss
-        self.search: TaylorGLOSearch | EvoMALSearch | None = None
-        if config.method == "taylorglo":
-            self.search = TaylorGLOSearch(config.taylorglo.population, config.taylorglo.sigma, config.seed)
-        if config.method == "evomal":
-            self.search = EvoMALSearch(config.evomal, config.seed)
+        self.search: LossSearch | None = LOSS_SEARCHES[self.spec.search](self) if self.spec.search else None
         self.init_step = 0 if self.learns_loss else config.meta.init_steps
         self.init_model: tuple[nn.Module, torch.optim.Optimizer, Any] | None = None
         self.step = 0
@@ -130,14 +123,9 @@ class SingleTaskTrainer:
             seed_everything(config.seed + self.world.rank)
 
     def _check_method_fits_task(self) -> None:
-        method, kind = self.config.method, self.task.kind
-        if method == "ce" and kind == "regression":
-            raise ConfigError(f"method ce needs a classification data set; {self.task.name} is regression: use mse")
-        if method == "mse" and kind == "classification":
-            raise ConfigError(f"method mse needs a regression data set; {self.task.name} is classification: use ce")
-        if method in ("label_smoothing", "sparse_lsr") and kind == "regression":
-            raise ConfigError(f"method {method} needs a classification data set; {self.task.name} is "
-                              "regression: use mse")
+        if self.task.kind not in self.spec.tasks:
+            raise ConfigError(f"method {self.config.method} needs a {self.spec.tasks[0]} data set; {self.task.name} "
+                              f"is {self.task.kind}: use {self.spec.instead}")
 
     def _check_fits_world(self) -> None:
         """Under torchrun: every batch splits evenly over the ranks; SyncBatchNorm only where it can run."""
@@ -184,7 +172,7 @@ class SingleTaskTrainer:
             guard.check("the training loss or the learned loss's meta-gradient", self.advice())
 
     # ----- building blocks -------------------------------------------------------------------
-    def _fresh_base(self, stream: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    def fresh_base(self, stream: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """A newly initialised base model (seeded by `stream`), its optimizer and schedule (for the trained
         model, stream 0, the schedule an earlier run's learned loss implied when optimizer.lr_multipliers_from)."""
         with torch.random.fork_rng(devices=[]):
@@ -204,7 +192,7 @@ class SingleTaskTrainer:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, opt.milestones, gamma=opt.lr_decay)
         return model, optimizer, scheduler
 
-    def _batch(self, split: str, step: int, stream: int, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, split: str, step: int, stream: int, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch number `step` of `split` in random stream `stream`, augmented when from train: under torchrun
         this rank's share of it, unless `whole`."""
         size = self.task.size(split)
@@ -224,7 +212,7 @@ class SingleTaskTrainer:
         source = self.config.meta.batch_source
         if source == "same":
             return batch
-        return self._batch("val" if source == "validation" else "train", step, stream)
+        return self.batch("val" if source == "validation" else "train", step, stream)
 
 
     @torch.no_grad()
@@ -270,15 +258,15 @@ class SingleTaskTrainer:
         self.readouts, self.init_readouts = state["readouts"], state["init_readouts"]
         if self.search is not None:
             self.search.load_state_dict(state["search"])
-        if self.search is not None and self.search.generation == self.search_generations:
-            self._use_searched_loss()
+        if self.search is not None and self.search.generation == self.search.generations:
+            self.loss_net = self.search.best_loss()
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.adaptive is not None:
             self.adaptive.load_state_dict(state["adaptive"])
         if "init_model" in state:
-            self.init_model = self._fresh_base(stream=0)
+            self.init_model = self.fresh_base(stream=0)
             for part, saved in zip(self.init_model, state["init_model"], strict=True):
                 part.load_state_dict(saved)
         set_rng_state(state["rng"][self.world.rank])
@@ -341,7 +329,7 @@ class SingleTaskTrainer:
         return record
 
     def _log_readouts(self, writer: EventWriter) -> None:
-        record = self._readout(self.model, self._batch("train", self.step - 1, TRAIN_STREAM, whole=True), self.step)
+        record = self._readout(self.model, self.batch("train", self.step - 1, TRAIN_STREAM, whole=True), self.step)
         self.readouts.append(record)
         for key, value in record.items():
             if key != "step":
@@ -350,7 +338,7 @@ class SingleTaskTrainer:
     def _log_init_readouts(self, writer: EventWriter, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Phase 1: the gradient-norm ratio the first online step would see (at the phase-2 initialisation)
         and the confidence of the probe model after its step with the learned loss."""
-        record = self._readout(self._fresh_base(stream=0)[0], batch, self.init_step)
+        record = self._readout(self.fresh_base(stream=0)[0], batch, self.init_step)
         if self.metric == "error":
             record["confidence"] = mean_confidence(self.init_model[0], batch[0])
         self.init_readouts.append(record)
@@ -435,9 +423,9 @@ class SingleTaskTrainer:
             while self.init_step < meta.init_steps:
                 self.clock.start()
                 if self.init_model is None or self.init_step % meta.reset_period == 0:
-                    self.init_model = self._fresh_base(stream=1 + self.init_step)
+                    self.init_model = self.fresh_base(stream=1 + self.init_step)
                 model, optimizer, _ = self.init_model
-                batch = self._batch("train", self.init_step, INIT_TRAIN_STREAM)
+                batch = self.batch("train", self.init_step, INIT_TRAIN_STREAM)
                 stats = self.adaptive.step(model, optimizer, batch, self._meta_batch(batch, self.init_step,
                                                                                     INIT_META_STREAM), adapt=True)
                 self.init_guard.record(stats.finite, self.init_step)
@@ -445,7 +433,7 @@ class SingleTaskTrainer:
                 self.clock.stop()
                 if self.init_step % self.config.log.scalars_every == 0:
                     values = self._log_step(writer, "init", self.init_step, stats)
-                    self._log_init_readouts(writer, self._batch("train", self.init_step - 1, INIT_TRAIN_STREAM,
+                    self._log_init_readouts(writer, self.batch("train", self.init_step - 1, INIT_TRAIN_STREAM,
                                                                 whole=True))
                     bar.set_postfix(learned=f"{values['learned_loss']:.4f}", meta=f"{values['meta_loss']:.4f}",
                                     refresh=False)
@@ -458,80 +446,17 @@ class SingleTaskTrainer:
         finally:
             writer.close()
 
-    @property
-    def search_generations(self) -> int:
-        """Generations of the loss search (taylorglo, evomal)."""
-        cfg = self.config
-        return cfg.evomal.generations if cfg.method == "evomal" else cfg.taylorglo.generations
-
-    def _use_searched_loss(self) -> None:
-        if isinstance(self.search, TaylorGLOSearch):
-            self.loss_net = TaylorGLOLoss(self.search.best_theta, self.prediction).to(self.device)
-            return
-        if not math.isfinite(self.search.best_fitness):
-            raise NonFiniteError("every EvoMAL candidate was rejected or diverged; raise evomal.population or "
-                                 f"evomal.generations, or lower optimizer.lr (now {self.config.optimizer.lr:g})")
-        self.loss_net = self.search.best_loss(self.prediction).to(self.device)
-
-    def _short_run_metric(self, loss: nn.Module, steps: int, stream: int) -> float:
-        """Validation metric of a fresh base model (seeded by `stream`) after `steps` steps with `loss`; inf when
-        the training was not finite."""
-        model, optimizer, _ = self._fresh_base(stream=stream)
-        finite = torch.ones((), dtype=torch.bool, device=self.device)
-        for k in range(steps):
-            stats = online_step(model, loss, optimizer, self._batch("train", k, INIT_TRAIN_STREAM), self.task_loss,
-                                amp=self.amp)
-            finite = finite & stats.finite
-        if not bool(finite):
-            return math.inf
-        value = self.evaluate(model, "val")[self.metric]
-        return value if math.isfinite(value) else math.inf
-
-    def _candidate_fitness(self, theta: list[float]) -> float:
-        """Validation metric of a fresh base model after `taylorglo.eval_steps` steps with loss `theta` (the search
-        scores a non-finite one as its penalty)."""
-        loss = TaylorGLOLoss(theta, self.prediction).to(self.device)
-        stream = SEARCH_INIT_STREAM + self.search.generation
-        return self._short_run_metric(loss, self.config.taylorglo.eval_steps, stream)
-
-    @functools.cached_property
-    def _rejection_sample(self) -> Batch:
-        """EvoMAL's rejection test data: the fitness model's initial outputs on the first training examples."""
-        model, _, _ = self._fresh_base(stream=EVOMAL_STREAM)
-        size = min(self.config.evomal.rejection_examples, self.task.size("train"))
-        inputs, targets = self.task.batch("train", torch.arange(size), device=self.device)
-        with torch.no_grad():
-            return model(inputs), targets
-
-    def _local_search_episode(self, k: int) -> Episode:
-        model, optimizer, _ = self._fresh_base(stream=EVOMAL_STREAM + 1 + k)
-        return model, optimizer, self._batch("train", k, INIT_TRAIN_STREAM), self._batch("val", k, INIT_META_STREAM)
-
-    def _evomal_fitness(self, tree: Expression) -> Evaluation:
-        """The rejection test, the local search of the edge weights, then the validation metric of a fresh base
-        model (the same initialisation for every candidate) after `evomal.fitness_steps` steps with the loss."""
-        cfg = self.config.evomal
-        loss = EvoMALLoss(tree, self.prediction).to(self.device)
-        if not improves_predictions(loss, *self._rejection_sample, cfg.rejection_steps):
-            return Evaluation(math.inf, loss.weights.tolist(), "rejected")
-        finite = local_search(loss, cfg.local_search_steps, cfg.local_search_lr, self._local_search_episode,
-                              self.task_loss)
-        loss.requires_grad_(False)
-        fitness = self._short_run_metric(loss, cfg.fitness_steps, EVOMAL_STREAM) if bool(finite) else math.inf
-        return Evaluation(fitness, loss.weights.tolist(), "trained" if math.isfinite(fitness) else "diverged")
-
     def loss_search(self, stop: StopRequest) -> None:
         """TaylorGLO / EvoMAL: generations of the loss search on the validation metric, checkpointed after each;
         then the best loss."""
-        method, generations = self.config.method, self.search_generations
-        fitness = self._evomal_fitness if method == "evomal" else self._candidate_fitness
+        method, generations = self.config.method, self.search.generations
         writer = EventWriter(self.run.events / "search", purge_step=self.search.generation)
         bar = tqdm(total=generations, initial=self.search.generation, desc=f"{method} search",
                    unit="generation", dynamic_ncols=True, disable=not self.world.is_main)
         try:
             while self.search.generation < generations:
                 self.clock.start()
-                record = self.search.step(fitness)
+                record = self.search.step()
                 self.clock.stop()
                 for key in ("best", "median", "best_so_far"):
                     writer.add_scalar(f"{method}/{key}_val_{self.metric}", record[key], record["generation"])
@@ -545,7 +470,7 @@ class SingleTaskTrainer:
         finally:
             bar.close()
             writer.close()
-        self._use_searched_loss()
+        self.loss_net = self.search.best_loss()
         if isinstance(self.loss_net, EvoMALLoss):
             formula = self.loss_net.formula()
             with EventWriter(self.run.events / "search") as text_writer:
@@ -557,7 +482,7 @@ class SingleTaskTrainer:
         """Phase 2: train the model for `train.steps` steps; adalfl adapts the loss at every step."""
         cfg = self.config
         writer = EventWriter(self.run.events, purge_step=self.step)
-        adapt = cfg.method == "adalfl"
+        adapt = self.spec.online
         loss_fn = self.loss_net if self.loss_net is not None else self.handcrafted_loss
         bar = self.progress_bar(f"phase 2: {cfg.method}")
         timer = StepTimer(self.device, self._report_estimate("phase 2"))
@@ -567,7 +492,7 @@ class SingleTaskTrainer:
                 self._log_loss_shape(writer, "online", 0)
             while self.step < cfg.train.steps:
                 self.clock.start()
-                batch = self._batch("train", self.step, TRAIN_STREAM)
+                batch = self.batch("train", self.step, TRAIN_STREAM)
                 if self.adaptive is not None:
                     meta_batch = (self._meta_batch(batch, self.step, META_STREAM)
                                   if adapt and self.adaptive.update_due else None)
@@ -629,9 +554,7 @@ class SingleTaskTrainer:
             "cpu_time_s": round(self.clock.cpu, 3), "compute_s": round(self.clock.seconds(self.device), 3),
             "history": self.history,
             "readouts": self.readouts, "init_readouts": self.init_readouts,
-            **({"taylorglo_theta": self.search.best_theta} if isinstance(self.search, TaylorGLOSearch) else {}),
-            **({"evomal_expression": self.loss_net.formula(), "evomal_tree": str(self.loss_net.tree)}
-               if isinstance(self.search, EvoMALSearch) else {}),
+            **(self.search.results() if self.search is not None else {}),
         }
 
 
@@ -648,7 +571,7 @@ def train(config: SingleTaskConfig, run: RunDir, data_root: Path, resume: bool) 
         try:
             if trainer.learns_loss and trainer.init_step < config.meta.init_steps:
                 trainer.offline_initialisation(stop)
-            if trainer.search is not None and trainer.search.generation < trainer.search_generations:
+            if trainer.search is not None and trainer.search.generation < trainer.search.generations:
                 trainer.loss_search(stop)
             if trainer.step < config.train.steps:
                 trainer.online_training(stop)

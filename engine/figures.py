@@ -18,9 +18,6 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 DPI = 100
-# the same method has the same colour in every figure
-COLOURS = {"ce": "tab:blue", "mse": "tab:blue", "label_smoothing": "tab:purple", "sparse_lsr": "tab:pink",
-           "taylorglo": "tab:red", "evomal": "tab:brown", "ml3": "tab:orange", "adalfl": "tab:green"}
 Series = Sequence[Mapping[str, float]]  # one run's records, each with a "step"
 
 
@@ -42,21 +39,21 @@ def _save(figure: Figure, path: Path) -> Path:
     return path
 
 
-def label_colours(labels: Sequence[str]) -> dict[str, str]:
-    """A method's own colour where it has one; every other label a distinct colour none of those use (for up
-    to 53 such labels; beyond that the extra palette repeats)."""
-    reserved = set(COLOURS.values())
+def label_colours(labels: Sequence[str], own: Mapping[str, str]) -> dict[str, str]:
+    """A label's `own` colour where it has one (a method's, the same in every figure); every other label a distinct
+    colour none of those use (for up to 53 such labels; beyond that the extra palette repeats)."""
+    reserved = set(own.values())
     spare = iter(c for c in (f"tab:{n}" for n in ("gray", "olive", "cyan", "brown", "red", "purple", "orange",
                                                     "pink", "blue", "green")) if c not in reserved)
     # the light shades of tab20, distinct from the methods', then tab20b and tab20c
     spare_more = itertools.cycle([*matplotlib.colormaps["tab20"].colors[1::2], *matplotlib.colormaps["tab20b"].colors,
                                   *matplotlib.colormaps["tab20c"].colors])
-    return {label: COLOURS.get(label) or next(spare, None) or next(spare_more) for label in labels}
+    return {label: own.get(label) or next(spare, None) or next(spare_more) for label in labels}
 
 
 def _bands(axis: Any, runs_by_label: Mapping[str, Sequence[Series]], key: str, log: bool = False,
            colours: Mapping[str, str] | None = None) -> None:
-    colours = colours or label_colours(list(runs_by_label))
+    colours = colours or label_colours(list(runs_by_label), {})
     for label, runs in runs_by_label.items():
         steps, centre, lower, upper = mean_band(runs, key, log)
         if len(steps) == 0:

@@ -191,13 +191,15 @@ def test_sweep_seeds_outside_the_grid_are_refused(capsys) -> None:
 
 
 def test_every_label_of_a_figure_gets_its_own_colour() -> None:
-    from engine.figures import COLOURS, label_colours
+    from adalfl.methods import METHOD_COLOURS as COLOURS
+    from engine.figures import label_colours
 
     labels = ["ce", "adalfl", "ml3", *(f"ce@optimizer.lr={v}" for v in (0.01, 0.03, 0.1, 0.3)), "a", "b", "c"]
-    colours = label_colours(labels)
+    colours = label_colours(labels, COLOURS)
     assert colours["adalfl"] == COLOURS["adalfl"] and len(set(map(str, colours.values()))) == len(labels)
     many = [f"variant{i}" for i in range(60)]  # more labels than distinct colours: still one colour each
-    assert len(set(map(str, label_colours(many).values()))) == 53 and set(label_colours(many)) == set(many)
+    spread = label_colours(many, COLOURS)
+    assert len(set(map(str, spread.values()))) == 53 and set(spread) == set(many)
 
 
 def test_a_baseline_at_another_methods_compute_runs_its_measured_budget_and_both_readings_are_summarised(

@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_train_single_task import MNIST_QUICK, QUICK, StopAfter, expect_error, run_train, scalar_tags
 from torch import nn
 
+import adalfl.loss_search
 import adalfl.trainer
 import train
 from adalfl.config import EvoMALConfig
@@ -221,6 +222,6 @@ def test_bad_evomal_settings_get_one_clear_message(tmp_path, shared_data, capsys
 
 
 def test_a_search_whose_every_candidate_fails_says_what_to_change(tmp_path, shared_data, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(adalfl.trainer, "improves_predictions", lambda *args: False)
+    monkeypatch.setattr(adalfl.loss_search, "improves_predictions", lambda *args: False)
     code = run_train(tmp_path, shared_data, "mse_california", "none", *QUICK, *TINY)
     expect_error(capsys, code, "every EvoMAL candidate was rejected or diverged", "evomal.population")
