@@ -26,7 +26,6 @@ from torch import nn
 from tqdm import tqdm
 
 from adalfl.adaptive_loss import AdaptiveLoss, regression_loss
-from adalfl.analysis import argmin_prediction, gradient_norm_ratio, loss_shape, mean_confidence
 from adalfl.config import SingleTaskConfig
 from adalfl.evomal import EvoMALLoss
 from adalfl.implied_schedule import load_implied_schedule
@@ -34,6 +33,7 @@ from adalfl.loss_network import OutputWiseLoss
 from adalfl.loss_search import LOSS_SEARCHES, LossSearch
 from adalfl.methods import METHOD_SPECS
 from adalfl.online_step import LossFn, StepStats, online_step
+from adalfl.readouts import LossReadouts
 from adalfl.sparse_lsr import sparse_label_smoothing
 from adalfl.streams import INIT_META_STREAM, INIT_TRAIN_STREAM, META_STREAM, TRAIN_STREAM
 from engine.checkpoint import load_checkpoint, restoring, save_checkpoint
@@ -51,13 +51,12 @@ from engine.distributed import (
     world,
 )
 from engine.errors import ConfigError, NonFiniteError
-from engine.figures import loss_shape_figure
 from engine.hparams import log_hparams
 from engine.interrupt import StopRequest
 from engine.nonfinite_guard import NonFiniteGuard
 from engine.rng import rng_state, seed_everything, set_rng_state, step_generator
 from engine.run_dir import RunDir, write_results, write_text_atomic
-from engine.run_estimate import DAY_S, StepTimer, format_duration, timed
+from engine.run_estimate import StepTimer, estimate_message, timed
 from engine.selection import best_validation, selection_summary
 from tasks.models import build_model
 from tasks.supervised import SupervisedTask, batch_indices, load_task
@@ -109,11 +108,9 @@ class SingleTaskTrainer:
         self.init_model: tuple[nn.Module, torch.optim.Optimizer, Any] | None = None
         self.step = 0
         self.history: list[dict[str, float]] = []
-        self.loss_shapes: list[dict[str, Any]] = []
-        self.readouts: list[dict[str, float]] = []
-        self.init_readouts: list[dict[str, float]] = []  # phase 1's, at log.scalars_every
         self.clock = ComputeClock()  # training steps only
         self.metric = "error" if self.task.kind == "classification" else "mse"
+        self.records = LossReadouts(self.task_loss, self.task.kind == "classification", self.adaptive)
         # the message names the phase where there are two: phase 1's offline meta steps, phase 2's steps
         self.init_guard = NonFiniteGuard("phase-1 meta step")
         self.guard = NonFiniteGuard("phase-2 step" if self.learns_loss else "step")
@@ -237,7 +234,7 @@ class SingleTaskTrainer:
     def state_dict(self) -> dict[str, Any]:
         state = {
             "step": self.step, "init_step": self.init_step, "history": self.history,
-            "loss_shapes": self.loss_shapes, "readouts": self.readouts, "init_readouts": self.init_readouts,
+            **self.records.state_dict(),
             "clock": self.clock.state_dict(), "world_size": self.world.size,
             "rng": gather_objects(rng_state()),
             "search": self.search.state_dict() if self.search is not None else None,
@@ -253,9 +250,9 @@ class SingleTaskTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.init_step = state["step"], state["init_step"]
-        self.history, self.loss_shapes = state["history"], state["loss_shapes"]
+        self.history = state["history"]
         self.clock.load_state_dict(state["clock"])
-        self.readouts, self.init_readouts = state["readouts"], state["init_readouts"]
+        self.records.load_state_dict(state)
         if self.search is not None:
             self.search.load_state_dict(state["search"])
         if self.search is not None and self.search.generation == self.search.generations:
@@ -308,43 +305,6 @@ class SingleTaskTrainer:
         for key, value in values.items():
             writer.add_scalar(f"{prefix}/{key}", value, step)
         return values
-
-    def _log_loss_shape(self, writer: EventWriter, phase: str, step: int) -> None:
-        shape = loss_shape(self.loss_net)
-        self.loss_shapes.append({"phase": phase, "step": step, **shape})
-        writer.add_figure("learned_loss/shape", loss_shape_figure(shape, f"{phase} step {step}"), step)
-
-    def _readout(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> dict[str, float]:
-        """The implicit learning-rate schedule and adaptive label smoothing of the loss in use at `model`, and
-        (classification) the model's mean confidence on `batch`."""
-        record = {
-            "step": step,
-            "grad_norm_ratio": gradient_norm_ratio(model, self.loss_net, self.task_loss, batch,
-                                                   self.adaptive.max_grad_ratio if self.adaptive else None,
-                                                   self.adaptive.match_scale if self.adaptive else False),
-            "argmin_p_y1": argmin_prediction(loss_shape(self.loss_net)),
-        }
-        if self.metric == "error":
-            record["confidence"] = mean_confidence(model, batch[0])
-        return record
-
-    def _log_readouts(self, writer: EventWriter) -> None:
-        record = self._readout(self.model, self.batch("train", self.step - 1, TRAIN_STREAM, whole=True), self.step)
-        self.readouts.append(record)
-        for key, value in record.items():
-            if key != "step":
-                writer.add_scalar(f"analysis/{key}", value, self.step)
-
-    def _log_init_readouts(self, writer: EventWriter, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Phase 1: the gradient-norm ratio the first online step would see (at the phase-2 initialisation)
-        and the confidence of the probe model after its step with the learned loss."""
-        record = self._readout(self.fresh_base(stream=0)[0], batch, self.init_step)
-        if self.metric == "error":
-            record["confidence"] = mean_confidence(self.init_model[0], batch[0])
-        self.init_readouts.append(record)
-        for key, value in record.items():
-            if key != "step":
-                writer.add_scalar(f"analysis/{key}", value, self.init_step)
 
     def _log_evaluation(self, writer: EventWriter) -> dict[str, float]:
         record: dict[str, float] = {"step": self.step}
@@ -399,17 +359,10 @@ class SingleTaskTrainer:
                 parts = [("phase 2", seconds_per_step * (cfg.train.steps - self.step))]
             parts.append((f"{self._evaluations_left()} evaluations",
                           self._evaluation_seconds() * self._evaluations_left()))
-            total = sum(seconds for _, seconds in parts)
-            message = (f"estimate on {self.device}: " + " + ".join(f"{name} ~{format_duration(seconds)}"
-                                                                   for name, seconds in parts)
-                       + f" = ~{format_duration(total)} for the rest of the run")
-            if self.device.type == "cpu" and total > DAY_S:
-                small = CPU_SIZED_CONFIGS.get(cfg.data.dataset)
-                advice = (f"{small} is sized for a CPU" if small
-                          else "lower train.steps or choose a smaller model.name")
-                message += f". That is more than a day on the CPU: {advice}; this run continues"
+            small = CPU_SIZED_CONFIGS.get(cfg.data.dataset)
+            advice = f"{small} is sized for a CPU" if small else "lower train.steps or choose a smaller model.name"
             if self.world.is_main:
-                tqdm.write(message)
+                tqdm.write(estimate_message(self.device, parts, advice))
         return report
 
     # ----- the two phases --------------------------------------------------------------------
@@ -433,15 +386,16 @@ class SingleTaskTrainer:
                 self.clock.stop()
                 if self.init_step % self.config.log.scalars_every == 0:
                     values = self._log_step(writer, "init", self.init_step, stats)
-                    self._log_init_readouts(writer, self.batch("train", self.init_step - 1, INIT_TRAIN_STREAM,
-                                                                whole=True))
+                    probed = self.batch("train", self.init_step - 1, INIT_TRAIN_STREAM, whole=True)
+                    self.records.offline(writer, self.fresh_base(stream=0)[0], self.init_model[0], self.loss_net,
+                                         probed, self.init_step)
                     bar.set_postfix(learned=f"{values['learned_loss']:.4f}", meta=f"{values['meta_loss']:.4f}",
                                     refresh=False)
                 bar.update()
                 timer.step_done()
                 if self.init_step == meta.init_steps:
                     self.init_model = None
-                    self._log_loss_shape(writer, "init", self.init_step)
+                    self.records.shape(writer, self.loss_net, "init", self.init_step)
                 self._checkpoint_boundary(self.init_step, meta.init_steps, stop)
         finally:
             writer.close()
@@ -489,7 +443,7 @@ class SingleTaskTrainer:
         postfix: dict[str, str] = {}
         try:
             if self.step == 0 and self.loss_net is not None:
-                self._log_loss_shape(writer, "online", 0)
+                self.records.shape(writer, self.loss_net, "online", 0)
             while self.step < cfg.train.steps:
                 self.clock.start()
                 batch = self.batch("train", self.step, TRAIN_STREAM)
@@ -510,12 +464,13 @@ class SingleTaskTrainer:
                     values = self._log_step(writer, "train", self.step, stats)
                     writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
                     if self.loss_net is not None:
-                        self._log_readouts(writer)
+                        self.records.online(writer, self.model, self.loss_net,
+                                            self.batch("train", self.step - 1, TRAIN_STREAM, whole=True), self.step)
                     postfix["loss"] = f"{values['task_loss']:.4f}"
                     if "meta_loss" in values:
                         postfix["meta"] = f"{values['meta_loss']:.4f}"
                 if adapt and self.step % cfg.log.loss_shape_every == 0:
-                    self._log_loss_shape(writer, "online", self.step)
+                    self.records.shape(writer, self.loss_net, "online", self.step)
                 if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
                     self.check_finite()
                     record = self._log_evaluation(writer)
@@ -553,7 +508,7 @@ class SingleTaskTrainer:
             "test_loss": final["test_loss"], "wall_time_s": round(self.clock.wall, 3),
             "cpu_time_s": round(self.clock.cpu, 3), "compute_s": round(self.clock.seconds(self.device), 3),
             "history": self.history,
-            "readouts": self.readouts, "init_readouts": self.init_readouts,
+            "readouts": self.records.readouts, "init_readouts": self.records.init_readouts,
             **(self.search.results() if self.search is not None else {}),
         }
 
@@ -585,8 +540,8 @@ def train(config: SingleTaskConfig, run: RunDir, data_root: Path, resume: bool) 
                                                 f"hparams/val_{metric}": results[f"val_{metric}"],
                                                 f"hparams/test_{metric}_at_best_val":
                                                     results[f"test_{metric}_at_best_val"]})
-    if trainer.loss_shapes:
-        write_text_atomic(run.path / "loss_shapes.json", json.dumps(trainer.loss_shapes))
+    if trainer.records.loss_shapes:
+        write_text_atomic(run.path / "loss_shapes.json", json.dumps(trainer.records.loss_shapes))
     write_results(run, results)
     print(f"{config.method}: test {metric} {results[f'test_{metric}']:.4f} (final), "
           f"{results[f'test_{metric}_at_best_val']:.4f} at the best validation {metric} (step "

@@ -22,6 +22,17 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / DAY_S:.1f} days"
 
 
+def estimate_message(device: torch.device, parts: list[tuple[str, float]], advice: str) -> str:
+    """The projected wall time of the rest of a run, part by part (name, seconds); on a CPU where it exceeds a
+    day, with `advice` (what fits a CPU)."""
+    total = sum(seconds for _, seconds in parts)
+    message = (f"estimate on {device}: " + " + ".join(f"{name} ~{format_duration(seconds)}" for name, seconds in parts)
+               + f" = ~{format_duration(total)} for the rest of the run")
+    if device.type == "cpu" and total > DAY_S:
+        message += f". That is more than a day on the CPU: {advice}; this run continues"
+    return message
+
+
 def timed(device: torch.device, work: Callable[[], object]) -> float:
     """Seconds `work()` takes, the device synchronised before and after."""
     synchronize(device)
