@@ -47,6 +47,7 @@ from engine.config import apply_override, load_yaml
 from engine.errors import ConfigError
 from engine.experiment import resolve_config
 from engine.run_dir import RunDir, write_text_atomic
+from engine.run_loop import Stop
 from engine.selection import MIN_EVALUATIONS_TO_SELECT as MIN_EVALUATIONS
 
 FINAL_METRICS = ("test_error", "test_mse", "test_accuracy")  # the first one a results.json holds is reported
@@ -158,9 +159,11 @@ def cell_arguments(cell: Cell, out: Path, overrides: list[str], data_root: str |
             *(arg for s in sets for arg in ("--set", s))]
 
 
-def run_cell(cell: Cell, out: Path, overrides: list[str], data_root: str | None, jobs: int = 1) -> int:
+def run_cell(cell: Cell, out: Path, overrides: list[str], data_root: str | None, jobs: int = 1,
+             stop: Stop | None = None) -> int:
     """Skip a finished cell, resume a started one, start a new one; returns train.py's exit code. With
-    jobs > 1 the cell runs in its own process with cores / jobs threads, its output in <out>/logs/."""
+    jobs > 1 the cell runs in its own process with cores / jobs threads, its output in <out>/logs/; with one job
+    it runs in this process, stopped by `stop` (as train.main's)."""
     run = cell.run_dir(out)
     if run.results.is_file():
         print(f"[grid] {run.path.name}: finished, skipped")
@@ -168,7 +171,7 @@ def run_cell(cell: Cell, out: Path, overrides: list[str], data_root: str | None,
     print(f"[grid] {run.path.name}: {'resuming' if run.checkpoint.is_file() else 'starting'}", flush=True)
     arguments = cell_arguments(cell, out, overrides, data_root)
     if jobs == 1:
-        return train.main(arguments)
+        return train.main(arguments, stop)
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     (out / "logs").mkdir(exist_ok=True)
     with (out / "logs" / f"{run.path.name}.log").open("a") as log:
@@ -181,7 +184,7 @@ def run_cell(cell: Cell, out: Path, overrides: list[str], data_root: str | None,
 def run_cells(cells: list[Cell], args: argparse.Namespace) -> list[tuple[Cell, int]]:
     """Run `cells`, `args.jobs` at a time; (cell, exit code) for each."""
     def one(cell: Cell) -> int:
-        return run_cell(cell, args.out, args.overrides, args.data_root, args.jobs)
+        return run_cell(cell, args.out, args.overrides, args.data_root, args.jobs, args.stop)
 
     if args.jobs == 1:
         codes = []
@@ -519,8 +522,10 @@ def run_grid(args: argparse.Namespace) -> tuple[int, list[str]]:
     return 0, failed
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stop: Stop | None = None) -> int:
+    """compare.py's command line; `stop` is handed to the cells run in this process (train.main's)."""
     args = parse_args(argv)
+    args.stop = stop
     failed: list[str] = []
     if not args.summary_only:
         try:

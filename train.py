@@ -16,6 +16,7 @@ from adalfl import config as single_task
 from adalfl import trainer as single_task_trainer
 from engine.errors import UserError
 from engine.experiment import Family, run_experiment
+from engine.run_loop import Stop
 from npbml import config as episodic
 from npbml import meta_trainer as episodic_trainer
 
@@ -43,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stop: Stop | None = None) -> int:
+    """train.py's command line; `stop` (default: Ctrl-C / SIGTERM) asks the run to stop at a step boundary."""
     args = parse_args(argv)
     try:
         run_experiment(
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             data_root=args.data_root,
             runs_root=args.runs_root,
             take_over=args.take_over,
+            stop=stop,
         )
     except UserError as exc:  # every rank of a torchrun world hits it; rank 0 says it, each exits with 2
         if os.environ.get("RANK", "0") == "0":

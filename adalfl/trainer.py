@@ -36,14 +36,13 @@ from adalfl.online_step import LossFn, StepStats, online_step
 from adalfl.readouts import LossReadouts
 from adalfl.sparse_lsr import sparse_label_smoothing
 from adalfl.streams import INIT_META_STREAM, INIT_TRAIN_STREAM, META_STREAM, TRAIN_STREAM
-from engine.checkpoint import load_checkpoint, restoring, save_checkpoint
+from engine.checkpoint import save_checkpoint
 from engine.compute_clock import ComputeClock
 from engine.device import resolve_device
 from engine.distributed import (
     EventWriter,
     all_reduce_mean_,
     all_reduce_sum_,
-    any_rank,
     check_divisible,
     device_for,
     gather_objects,
@@ -52,11 +51,11 @@ from engine.distributed import (
 )
 from engine.errors import ConfigError, NonFiniteError
 from engine.hparams import log_hparams
-from engine.interrupt import StopRequest
 from engine.nonfinite_guard import NonFiniteGuard
 from engine.rng import rng_state, seed_everything, set_rng_state, step_generator
 from engine.run_dir import RunDir, write_results, write_text_atomic
 from engine.run_estimate import StepTimer, estimate_message, timed
+from engine.run_loop import StepBoundary, Stop, restore
 from engine.selection import best_validation, selection_summary
 from tasks.models import build_model
 from tasks.supervised import SupervisedTask, batch_indices, load_task
@@ -280,14 +279,6 @@ class SingleTaskTrainer:
         if self.world.is_main:
             save_checkpoint(self.run.checkpoint, state)
 
-    def _checkpoint_boundary(self, step: int, total: int, stop: StopRequest) -> None:
-        """End of a step: checkpoint when due, at the end, or when a stop was asked for (then stop)."""
-        stopping = any_rank(stop.requested)
-        if stopping or step % self.config.train.checkpoint_every == 0 or step == total:
-            self.save()
-        if stopping:
-            raise KeyboardInterrupt
-
     # ----- logging ---------------------------------------------------------------------------
     def _log_step(self, writer: EventWriter, prefix: str, step: int, stats: StepStats) -> dict[str, float]:
         """Write the step's scalars, averaged over the ranks (the one host sync of a logging interval, after the
@@ -366,12 +357,13 @@ class SingleTaskTrainer:
         return report
 
     # ----- the two phases --------------------------------------------------------------------
-    def offline_initialisation(self, stop: StopRequest) -> None:
+    def offline_initialisation(self, stop: Stop) -> None:
         """Phase 1: learn the loss's initial shape over short horizons of freshly initialised models."""
         meta = self.config.meta
         writer = EventWriter(self.run.events / "init", purge_step=self.init_step)
         bar = self.progress_bar("phase 1: loss init")
         timer = StepTimer(self.device, self._report_estimate("phase 1"))
+        boundary = StepBoundary(stop, self.save, self.config.train.checkpoint_every, meta.init_steps)
         try:
             while self.init_step < meta.init_steps:
                 self.clock.start()
@@ -396,15 +388,16 @@ class SingleTaskTrainer:
                 if self.init_step == meta.init_steps:
                     self.init_model = None
                     self.records.shape(writer, self.loss_net, "init", self.init_step)
-                self._checkpoint_boundary(self.init_step, meta.init_steps, stop)
+                boundary(self.init_step)
         finally:
             writer.close()
 
-    def loss_search(self, stop: StopRequest) -> None:
+    def loss_search(self, stop: Stop) -> None:
         """TaylorGLO / EvoMAL: generations of the loss search on the validation metric, checkpointed after each;
         then the best loss."""
         method, generations = self.config.method, self.search.generations
         writer = EventWriter(self.run.events / "search", purge_step=self.search.generation)
+        boundary = StepBoundary(stop, self.save, 1, generations)  # every generation is checkpointed
         bar = tqdm(total=generations, initial=self.search.generation, desc=f"{method} search",
                    unit="generation", dynamic_ncols=True, disable=not self.world.is_main)
         try:
@@ -418,9 +411,7 @@ class SingleTaskTrainer:
                     write_text_atomic(self.run.path / f"{method}_search.json", json.dumps(self.search.log, indent=1))
                 bar.update()
                 bar.set_postfix(best=f"{self.search.best_fitness:.4f}")
-                self.save()
-                if any_rank(stop.requested):
-                    raise KeyboardInterrupt
+                boundary(self.search.generation)
         finally:
             bar.close()
             writer.close()
@@ -432,7 +423,7 @@ class SingleTaskTrainer:
             if self.world.is_main:
                 print(f"evomal: best loss {formula} (val {self.metric} {self.search.best_fitness:.4f})")
 
-    def online_training(self, stop: StopRequest) -> None:
+    def online_training(self, stop: Stop) -> None:
         """Phase 2: train the model for `train.steps` steps; adalfl adapts the loss at every step."""
         cfg = self.config
         writer = EventWriter(self.run.events, purge_step=self.step)
@@ -440,6 +431,7 @@ class SingleTaskTrainer:
         loss_fn = self.loss_net if self.loss_net is not None else self.handcrafted_loss
         bar = self.progress_bar(f"phase 2: {cfg.method}")
         timer = StepTimer(self.device, self._report_estimate("phase 2"))
+        boundary = StepBoundary(stop, self.save, cfg.train.checkpoint_every, cfg.train.steps)
         postfix: dict[str, str] = {}
         try:
             if self.step == 0 and self.loss_net is not None:
@@ -478,7 +470,7 @@ class SingleTaskTrainer:
                 bar.update()
                 bar.set_postfix(postfix, refresh=False)
                 timer.step_done()
-                self._checkpoint_boundary(self.step, cfg.train.steps, stop)
+                boundary(self.step)
         finally:
             writer.close()
 
@@ -513,25 +505,23 @@ class SingleTaskTrainer:
         }
 
 
-def train(config: SingleTaskConfig, run: RunDir, data_root: Path, resume: bool) -> dict[str, Any]:
-    """Run (or resume) a single-task experiment in `run`; writes results.json and returns it."""
+def train(config: SingleTaskConfig, run: RunDir, data_root: Path, resume: bool, stop: Stop) -> dict[str, Any]:
+    """Run (or resume) a single-task experiment in `run`, stopping at a step boundary when `stop` asks; writes
+    results.json and returns it."""
     trainer = SingleTaskTrainer(config, run, data_root)
     if resume:
-        checkpoint = load_checkpoint(run.checkpoint)
-        with restoring(run.checkpoint):
-            trainer.load_state_dict(checkpoint)
+        restore(run.checkpoint, trainer.load_state_dict)
     if trainer.world.is_main:
         print(trainer.describe_device())
-    with StopRequest() as stop:
-        try:
-            if trainer.learns_loss and trainer.init_step < config.meta.init_steps:
-                trainer.offline_initialisation(stop)
-            if trainer.search is not None and trainer.search.generation < trainer.search.generations:
-                trainer.loss_search(stop)
-            if trainer.step < config.train.steps:
-                trainer.online_training(stop)
-        finally:
-            trainer.close_progress_bar()
+    try:
+        if trainer.learns_loss and trainer.init_step < config.meta.init_steps:
+            trainer.offline_initialisation(stop)
+        if trainer.search is not None and trainer.search.generation < trainer.search.generations:
+            trainer.loss_search(stop)
+        if trainer.step < config.train.steps:
+            trainer.online_training(stop)
+    finally:
+        trainer.close_progress_bar()
     results = trainer.results()
     if not trainer.world.is_main:
         return results

@@ -15,14 +15,16 @@ from engine.config import apply_override, build_config, load_yaml, to_dict
 from engine.device import set_threads
 from engine.distributed import barrier, broadcast_object, join, leave, world
 from engine.errors import ConfigError, UserError
+from engine.interrupt import StopRequest
 from engine.run_dir import default_run_name, discard_unstarted, existing_run_dir, new_run_dir
 from engine.run_lock import RunLock
+from engine.run_loop import Stop
 
 
 @dataclass(frozen=True)
 class Family:
     """One kind of experiment: its methods, its config schema (a RunConfig) and the function that trains a run,
-    `train(config, run=, data_root=, resume=) -> results`."""
+    `train(config, run=, data_root=, resume=, stop=) -> results`."""
 
     methods: tuple[str, ...]
     schema: type
@@ -57,10 +59,12 @@ def run_experiment(
     data_root: str | None,
     runs_root: Path,
     take_over: bool = False,
+    stop: Stop | None = None,
 ) -> dict[str, Any]:
-    """Run (or continue) one experiment; returns its results. The run folder is locked while the run runs (a
-    stale lock of a killed run is removed by `take_over`); a new run that fails with a UserError before writing
-    anything but its config leaves no run folder."""
+    """Run (or continue) one experiment; returns its results. It stops at a step boundary when `stop` asks (by
+    default, at the first Ctrl-C or SIGTERM). The run folder is locked while the run runs (a stale lock of a killed
+    run is removed by `take_over`); a new run that fails with a UserError before writing anything but its config
+    leaves no run folder."""
     if resume is not None:
         if overrides:
             raise UserError("--set cannot change a run that is being resumed; start a new run instead")
@@ -90,7 +94,11 @@ def run_experiment(
         elif world().is_main:
             lock = RunLock(run.path)
             lock.acquire(take_over)
-        return _train(config, train, run, resolve_data_root(data_root, config.data.root), resume is not None, lock)
+        root = resolve_data_root(data_root, config.data.root)
+        if stop is not None:
+            return _train(config, train, run, root, resume is not None, lock, stop)
+        with StopRequest() as signals:
+            return _train(config, train, run, root, resume is not None, lock, signals)
     finally:
         if lock is not None:
             lock.release()
@@ -98,10 +106,10 @@ def run_experiment(
 
 
 def _train(config: Any, train: Callable[..., dict[str, Any]], run: Any, root: Path, resume: bool,
-           lock: RunLock | None) -> dict[str, Any]:
+           lock: RunLock | None, stop: Stop) -> dict[str, Any]:
     try:
         set_threads(config.threads)
-        return train(config, run=run, data_root=root, resume=resume)
+        return train(config, run=run, data_root=root, resume=resume, stop=stop)
     except UserError:
         if not resume and lock is not None:
             lock.release()

@@ -24,12 +24,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from engine.checkpoint import load_checkpoint, restoring, save_checkpoint
+from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.device import resolve_device
 from engine.distributed import (
     EventWriter,
     all_reduce_sum_,
-    any_rank,
     barrier,
     check_divisible,
     device_for,
@@ -40,10 +39,10 @@ from engine.distributed import (
 from engine.errors import ConfigError
 from engine.figures import support_shape_figure
 from engine.hparams import log_hparams
-from engine.interrupt import StopRequest
 from engine.nonfinite_guard import NonFiniteGuard
 from engine.rng import rng_state, seed_everything, set_rng_state
 from engine.run_dir import RunDir, write_results
+from engine.run_loop import StepBoundary, Stop, restore
 from npbml.config import EpisodicConfig
 from npbml.learners import build_learner
 from npbml.pretrain import backbone_of, pretrain_backbone
@@ -132,8 +131,9 @@ def _optimizer(config: EpisodicConfig, learner: nn.Module):
     return params, optimizer, scheduler
 
 
-def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = False) -> dict[str, Any]:
-    """Meta-train, keep the best model on meta-validation, meta-test it; returns results.json's content."""
+def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, stop: Stop) -> dict[str, Any]:
+    """Meta-train (stopping at an iteration boundary when `stop` asks), keep the best model on meta-validation,
+    meta-test it; returns results.json's content."""
     device, ranks = resolve_device(device_for(config.device)), world()
     check_divisible(config.outer.meta_batch, "tasks per meta-batch", "outer.meta_batch")
     samplers = episode_samplers(config, data_root)
@@ -143,15 +143,17 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
     params, optimizer, scheduler = _optimizer(config, learner)
     state = {"iteration": 0, "best_val": -1.0, "best_iteration": 0, "wall_time": 0.0}
     if resume and run.checkpoint.is_file():
-        checkpoint = load_checkpoint(run.checkpoint)
-        with restoring(run.checkpoint):
+        def load(checkpoint: dict[str, Any]) -> None:
             learner.load_state_dict(checkpoint["learner"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
-            state = checkpoint["state"]
+            state.update(checkpoint["state"])
             set_rng_state(checkpoint["rng"][ranks.rank])
 
+        restore(run.checkpoint, load)
+
     def save() -> None:
+        check_finite()
         saved = {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "state": dict(state), "rng": gather_objects(rng_state())}
         if ranks.is_main:
@@ -172,62 +174,57 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool = F
     sample_time = step_time = 0.0
     postfix: dict[str, str] = {}
     guard = NonFiniteGuard(unit="meta-iteration")
+    boundary = StepBoundary(stop, save, config.log.checkpoint_every, total)
 
     def check_finite() -> None:
         """Read the device-side record of non-finite iterations (at logging, evaluation and checkpoints only)."""
         guard.check("the meta-loss or its gradient", "lower outer.lr or inner.lr (or set outer.grad_clip); the "
                     f"last good checkpoint is kept in {run.path}")
 
-    with StopRequest() as stop:
-        if config.pretrain.steps and state["iteration"] == 0:
-            blocks = pretrain_backbone(config, samplers["train"].data, in_shape, device, run, stop)
-            backbone_of(learner).load_state_dict(blocks, strict=False)
-        try:
-            while state["iteration"] < total:
-                iteration = state["iteration"] + 1
-                tick = time.time()
-                with python_random(config.seed * 1_000_003 + iteration):
-                    episodes = [samplers["train"].sample() for _ in range(config.outer.meta_batch)]
-                sample_time += time.time() - tick
-                optimizer.zero_grad(set_to_none=True)
-                mean_loss, mean_acc = meta_gradient(learner, params, episodes, config.inner.steps, device,
-                                                    vectorized=config.outer.vectorize_tasks)
-                norm = torch.nn.utils.clip_grad_norm_(params, config.outer.grad_clip or float("inf"))
-                guard.record(torch.isfinite(mean_loss) & torch.isfinite(norm), iteration)
-                optimizer.step()
-                scheduler.step()
-                step_time += time.time() - tick
-                state["iteration"] = iteration
-                if iteration % config.log.every == 0 or iteration == total:
-                    check_finite()
-                    loss_value, acc_value, norm_value = torch.stack([mean_loss, mean_acc, norm]).tolist()
-                    _log_train(writer, learner, iteration, loss_value, acc_value, norm_value,
-                               scheduler.get_last_lr()[0], sample_time / max(step_time, 1e-9))
-                    _log_loss_terms(writer, learner, episodes[0].to(device), iteration)
-                    postfix.update(loss=f"{loss_value:.3f}", acc=f"{acc_value:.3f}")
-                if iteration % config.eval.every == 0 or iteration == total:
-                    check_finite()
-                    val_acc, _ = mean_ci95(accuracies("validation", config.eval.val_tasks))
-                    writer.add_scalar("meta_val/accuracy", val_acc, iteration)
-                    _log_loss_shape(writer, learner, iteration)
-                    if val_acc > state["best_val"]:
-                        state.update(best_val=val_acc, best_iteration=iteration)
-                        if ranks.is_main:
-                            save_checkpoint(run.best_checkpoint, {"learner": learner.state_dict(),
-                                                                  "iteration": iteration})
-                    postfix["val"] = f"{val_acc:.3f}"
-                state["wall_time"] = time.time() - started
-                stopping = any_rank(stop.requested)
-                if stopping or iteration % config.log.checkpoint_every == 0 or iteration == total:
-                    check_finite()
-                    save()
-                if stopping:
-                    raise KeyboardInterrupt
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
-        finally:
-            bar.close()
-            writer.flush()
+    if config.pretrain.steps and state["iteration"] == 0:
+        blocks = pretrain_backbone(config, samplers["train"].data, in_shape, device, run, stop)
+        backbone_of(learner).load_state_dict(blocks, strict=False)
+    try:
+        while state["iteration"] < total:
+            iteration = state["iteration"] + 1
+            tick = time.time()
+            with python_random(config.seed * 1_000_003 + iteration):
+                episodes = [samplers["train"].sample() for _ in range(config.outer.meta_batch)]
+            sample_time += time.time() - tick
+            optimizer.zero_grad(set_to_none=True)
+            mean_loss, mean_acc = meta_gradient(learner, params, episodes, config.inner.steps, device,
+                                                vectorized=config.outer.vectorize_tasks)
+            norm = torch.nn.utils.clip_grad_norm_(params, config.outer.grad_clip or float("inf"))
+            guard.record(torch.isfinite(mean_loss) & torch.isfinite(norm), iteration)
+            optimizer.step()
+            scheduler.step()
+            step_time += time.time() - tick
+            state["iteration"] = iteration
+            if iteration % config.log.every == 0 or iteration == total:
+                check_finite()
+                loss_value, acc_value, norm_value = torch.stack([mean_loss, mean_acc, norm]).tolist()
+                _log_train(writer, learner, iteration, loss_value, acc_value, norm_value,
+                           scheduler.get_last_lr()[0], sample_time / max(step_time, 1e-9))
+                _log_loss_terms(writer, learner, episodes[0].to(device), iteration)
+                postfix.update(loss=f"{loss_value:.3f}", acc=f"{acc_value:.3f}")
+            if iteration % config.eval.every == 0 or iteration == total:
+                check_finite()
+                val_acc, _ = mean_ci95(accuracies("validation", config.eval.val_tasks))
+                writer.add_scalar("meta_val/accuracy", val_acc, iteration)
+                _log_loss_shape(writer, learner, iteration)
+                if val_acc > state["best_val"]:
+                    state.update(best_val=val_acc, best_iteration=iteration)
+                    if ranks.is_main:
+                        save_checkpoint(run.best_checkpoint, {"learner": learner.state_dict(),
+                                                              "iteration": iteration})
+                postfix["val"] = f"{val_acc:.3f}"
+            state["wall_time"] = time.time() - started
+            boundary(iteration)
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+        writer.flush()
     barrier()  # rank 0 has written best.pt
     learner.load_state_dict(load_checkpoint(run.best_checkpoint)["learner"])
     test_acc, test_ci = mean_ci95(accuracies("test", config.eval.test_tasks))

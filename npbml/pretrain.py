@@ -9,15 +9,17 @@ torchrun each rank takes its share of every batch and the gradients are averaged
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.checkpoint import load_checkpoint, restoring, save_checkpoint
-from engine.distributed import EventWriter, all_reduce_mean_, any_rank, barrier, check_divisible, shard, world
-from engine.interrupt import StopRequest
+from engine.checkpoint import save_checkpoint
+from engine.distributed import EventWriter, all_reduce_mean_, barrier, check_divisible, shard, world
 from engine.rng import step_generator
 from engine.run_dir import RunDir
+from engine.run_loop import StepBoundary, Stop, restore
 from npbml.config import EpisodicConfig
 from tasks.backbones import Backbone
 from tasks.image_classes import ImageClasses
@@ -41,7 +43,7 @@ def _batch(data: ImageClasses, labels: torch.Tensor, size: int, seed: int, step:
 
 
 def pretrain_backbone(config: EpisodicConfig, data: ImageClasses, in_shape: tuple[int, int, int],
-                      device: torch.device, run: RunDir, stop: StopRequest) -> dict[str, torch.Tensor]:
+                      device: torch.device, run: RunDir, stop: Stop) -> dict[str, torch.Tensor]:
     """Pre-train (or finish pre-training) the backbone on `data`, the meta-training split; returns its blocks'
     parameters (`blocks.*`), to load into the meta-learner's backbone."""
     cfg = config.pretrain
@@ -54,12 +56,12 @@ def pretrain_backbone(config: EpisodicConfig, data: ImageClasses, in_shape: tupl
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
     path, step = run.path / "pretrain.pt", 0
     if path.is_file():
-        state = load_checkpoint(path)
-        with restoring(path):
+        def load(state: dict[str, Any]) -> None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
+
+        step = restore(path, load)["step"]
 
     def save() -> None:
         if world().is_main:
@@ -67,6 +69,7 @@ def pretrain_backbone(config: EpisodicConfig, data: ImageClasses, in_shape: tupl
                                    "scheduler": scheduler.state_dict()})
 
     writer = EventWriter(run.events / "pretrain", purge_step=step + 1)
+    boundary = StepBoundary(stop, save, config.log.checkpoint_every, cfg.steps)
     try:
         while step < cfg.steps:
             images, targets = _batch(data, labels, cfg.batch_size, config.seed, step, device)
@@ -83,11 +86,7 @@ def pretrain_backbone(config: EpisodicConfig, data: ImageClasses, in_shape: tupl
                 loss_value, accuracy_value = torch.stack([loss.detach(), accuracy]).tolist()
                 writer.add_scalar("pretrain/loss", loss_value, step)
                 writer.add_scalar("pretrain/accuracy", accuracy_value, step)
-            stopping = any_rank(stop.requested)
-            if stopping or step % config.log.checkpoint_every == 0 or step == cfg.steps:
-                save()
-            if stopping:
-                raise KeyboardInterrupt
+            boundary(step)
     finally:
         writer.close()
     barrier()

@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 from test_train_single_task import MNIST_QUICK, StopAfter, expect_error, run_train
 
-import adalfl.trainer
 import compare
-from engine.interrupt import StopRequest
 
 TINY = [
     "train.steps=12", "train.eval_every=6", "train.checkpoint_every=4", "meta.init_steps=3",
@@ -19,12 +17,12 @@ TINY = [
 ]
 
 
-def run_grid(out: Path, data: Path, methods: list[str], seeds: list[str]) -> int:
+def run_grid(out: Path, data: Path, methods: list[str], seeds: list[str], stop: StopAfter | None = None) -> int:
     sets = [arg for s in TINY for arg in ("--set", s)]
     return compare.main([
         "--config", "configs/adalfl_california.yaml", "--methods", *methods, "--seeds", *seeds,
         "--out", str(out), "--data-root", str(data), *sets,
-    ])
+    ], stop)
 
 
 def read_summary(out: Path) -> dict[str, dict[str, str]]:
@@ -54,16 +52,14 @@ def test_a_tiny_grid_runs_every_cell_and_writes_summaries_and_figures(tmp_path, 
 def test_a_half_done_grid_skips_finished_cells_and_resumes_started_ones(tmp_path, shared_data, monkeypatch,
                                                                          capsys) -> None:
     out = tmp_path / "grid"
-    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopAfter)
-    StopAfter.reads_before_stop = 12 + 3 + 5  # all of mse-seed0, then adalfl-seed0's phase 1 and 5 steps
-    assert run_grid(out, shared_data, ["mse", "adalfl"], ["0"]) == 130
+    stop = StopAfter(12 + 3 + 5)  # all of mse-seed0, then adalfl-seed0's phase 1 and 5 steps
+    assert run_grid(out, shared_data, ["mse", "adalfl"], ["0"], stop) == 130
     assert (out / "mse-seed0" / "results.json").exists() and (out / "adalfl-seed0" / "checkpoint.pt").exists()
     assert not (out / "adalfl-seed0" / "results.json").exists()
     assert compare.main(["--out", str(out), "--summary-only"]) == 0
     assert "Cells without results (diverged, stopped or running): adalfl-seed0" in (out / "summary.md").read_text()
     finished = (out / "mse-seed0" / "results.json").stat().st_mtime_ns
 
-    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopRequest)
     capsys.readouterr()
     assert run_grid(out, shared_data, ["mse", "adalfl"], ["0"]) == 0
     printed = capsys.readouterr().out

@@ -22,7 +22,6 @@ from adalfl.config import EvoMALConfig
 from adalfl.evomal import Evaluation, EvoMALLoss, EvoMALSearch, improves_predictions, local_search
 from adalfl.gp_expression import PRIMITIVES, PROTECTION, PSET, formula, parse, repair, toolbox
 from adalfl.online_step import online_step
-from engine.interrupt import StopRequest
 
 CROSS_ENTROPY = "mul(-1, mul(y, log(fx)))"
 SQUARED_ERROR = "square(sub(fx, y))"
@@ -198,11 +197,9 @@ def test_a_searched_run_writes_its_expression_search_record_and_loss_shape(tmp_p
 def test_a_run_interrupted_after_a_generation_resumes_exactly(tmp_path, shared_data, monkeypatch) -> None:
     args = [*QUICK, *TINY, "--set", "evomal.generations=3"]
     assert run_train(tmp_path, shared_data, "mse_california", "whole", *args) == 0
-    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopAfter)
-    StopAfter.reads_before_stop = 1  # after the first generation
-    assert run_train(tmp_path, shared_data, "mse_california", "split", *args) == 130
+    stop = StopAfter(1)  # after the first generation
+    assert run_train(tmp_path, shared_data, "mse_california", "split", *args, stop=stop) == 130
     assert len(json.loads((tmp_path / "split" / "evomal_search.json").read_text())) == 1
-    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopRequest)
     assert train.main(["--resume", str(tmp_path / "split"), "--data-root", str(shared_data)]) == 0
     whole, split = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("whole", "split"))
     for key in ("history", "evomal_expression", "evomal_tree", "readouts"):

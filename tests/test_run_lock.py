@@ -14,9 +14,7 @@ from pathlib import Path
 import torch
 from test_train_single_task import QUICK, StopAfter, expect_error, run_train
 
-import adalfl.trainer
 import train
-from engine.interrupt import StopRequest
 from engine.run_lock import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,10 +46,7 @@ def test_a_second_run_with_the_same_name_is_refused_while_the_first_runs(tmp_pat
 def test_a_killed_runs_lock_is_stale_and_taken_over_only_on_request(tmp_path, shared_data, monkeypatch,
                                                                     capsys) -> None:
     args = [*QUICK, "--set", "model.name=mlp"]
-    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopAfter)
-    StopAfter.reads_before_stop = 15
-    assert run_train(tmp_path, shared_data, "mse_california", "killed", *args) == 130
-    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopRequest)
+    assert run_train(tmp_path, shared_data, "mse_california", "killed", *args, stop=StopAfter(15)) == 130
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock = tmp_path / "killed" / LOCK_NAME
     lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "since": "earlier"}))
@@ -88,10 +83,7 @@ class Payload:
 
 def test_a_checkpoint_carrying_a_pickled_object_is_refused_without_running_it(tmp_path, shared_data, monkeypatch,
                                                                              capsys) -> None:
-    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopAfter)
-    StopAfter.reads_before_stop = 15
-    assert run_train(tmp_path, shared_data, "mse_california", "foreign", *QUICK) == 130
-    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopRequest)
+    assert run_train(tmp_path, shared_data, "mse_california", "foreign", *QUICK, stop=StopAfter(15)) == 130
     checkpoint = tmp_path / "foreign" / "checkpoint.pt"
     state = torch.load(checkpoint, weights_only=True)  # the project's own checkpoint loads weights-only
     torch.save({**state, "extra": Payload()}, checkpoint)

@@ -10,10 +10,8 @@ import torch
 import torch.nn.functional as F
 from test_train_single_task import StopAfter, run_train
 
-import adalfl.trainer
 import train
 from adalfl.taylorglo import NUM_PARAMETERS, TaylorGLOLoss, TaylorGLOSearch
-from engine.interrupt import StopRequest
 
 TINY = [
     "--set", "method=taylorglo", "--set", "model.name=linear", "--set", "device=cpu",
@@ -76,11 +74,9 @@ def test_a_run_interrupted_in_the_search_resumes_where_it_stopped(tmp_path, shar
     assert whole["taylorglo_theta"] == search_log[-1]["best_theta"]
     assert [r["step"] for r in whole["readouts"]] == [4, 8, 12]
 
-    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopAfter)
-    StopAfter.reads_before_stop = 1  # after the first generation
-    assert run_train(tmp_path, shared_data, "adalfl_california", "split", *TINY) == 130
+    stop = StopAfter(1)  # after the first generation
+    assert run_train(tmp_path, shared_data, "adalfl_california", "split", *TINY, stop=stop) == 130
     assert len(json.loads((tmp_path / "split" / "taylorglo_search.json").read_text())) == 1
-    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopRequest)
     assert train.main(["--resume", str(tmp_path / "split"), "--data-root", str(shared_data)]) == 0
     split = json.loads((tmp_path / "split" / "results.json").read_text())
     assert split["history"] == whole["history"] and split["taylorglo_theta"] == whole["taylorglo_theta"]

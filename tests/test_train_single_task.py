@@ -11,10 +11,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import adalfl.trainer
 import train
 from adalfl.config import SingleTaskConfig
-from engine.interrupt import StopRequest
 
 QUICK = [
     "--set", "train.steps=24", "--set", "train.eval_every=12", "--set", "train.checkpoint_every=8",
@@ -24,11 +22,12 @@ QUICK = [
 MNIST_QUICK = [*QUICK, "--set", "train.batch_size=32", "--set", "train.eval_batch_size=2000"]
 
 
-def run_train(tmp_path: Path, data_root: Path, config: str, name: str, *extra: str) -> int:
+def run_train(tmp_path: Path, data_root: Path, config: str, name: str, *extra: str,
+              stop: StopAfter | None = None) -> int:
     return train.main([
         "--config", f"configs/{config}.yaml", "--data-root", str(data_root), "--runs-root", str(tmp_path),
         "--set", f"name={name}", *extra,
-    ])
+    ], stop)
 
 
 def scalar_tags(folder: Path) -> set[str]:
@@ -71,19 +70,16 @@ def test_each_method_trains_and_writes_its_run_folder(tmp_path, shared_data, con
     assert expected <= tags
 
 
-class StopAfter(StopRequest):
-    """Asks the trainer to stop after it has read `requested` a given number of times."""
+class StopAfter:
+    """A stop request handed to the run: asks it to stop after `requested` has been read `reads` times."""
 
-    reads_before_stop = 0
+    def __init__(self, reads: int) -> None:
+        self.reads = reads
 
     @property
     def requested(self) -> bool:
-        StopAfter.reads_before_stop -= 1
-        return StopAfter.reads_before_stop == 0
-
-    @requested.setter
-    def requested(self, value: bool) -> None:
-        pass
+        self.reads -= 1
+        return self.reads == 0
 
 
 @pytest.mark.parametrize(("stop_at", "update_every"), [(3, 1), (15, 1), (15, 4)],
@@ -93,11 +89,8 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, shared_d
     args = [*QUICK, "--set", "model.name=mlp", "--set", f"meta.update_every={update_every}"]
     assert run_train(tmp_path, shared_data, "adalfl_california", "whole", *args) == 0
 
-    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopAfter)
-    StopAfter.reads_before_stop = stop_at
-    assert run_train(tmp_path, shared_data, "adalfl_california", "split", *args) == 130
+    assert run_train(tmp_path, shared_data, "adalfl_california", "split", *args, stop=StopAfter(stop_at)) == 130
     assert not (tmp_path / "split" / "results.json").exists()
-    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopRequest)
     assert train.main(["--resume", str(tmp_path / "split"), "--data-root", str(shared_data)]) == 0
 
     whole = json.loads((tmp_path / "whole" / "results.json").read_text())
@@ -197,10 +190,7 @@ def test_adalfl_trains_with_adaptive_base_optimizers_and_resumes_exactly(tmp_pat
     args = [*QUICK, "--set", "model.name=mlp", "--set", f"optimizer.name={optimizer}", "--set", "optimizer.lr=1e-3",
             "--set", "optimizer.nesterov=false", "--set", f"optimizer.momentum={0.5 if optimizer == 'rmsprop' else 0}"]
     assert run_train(tmp_path, shared_data, "adalfl_california", "whole", *args) == 0
-    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopAfter)
-    StopAfter.reads_before_stop = 15
-    assert run_train(tmp_path, shared_data, "adalfl_california", "split", *args) == 130
-    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopRequest)
+    assert run_train(tmp_path, shared_data, "adalfl_california", "split", *args, stop=StopAfter(15)) == 130
     assert train.main(["--resume", str(tmp_path / "split"), "--data-root", str(shared_data)]) == 0
     whole, split = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("whole", "split"))
     assert split["history"] == whole["history"] and whole["test_mse"] < 2.0
@@ -233,11 +223,9 @@ def test_threads_sets_torch_threads_for_a_single_task_run(tmp_path, shared_data,
 
 def test_the_start_names_the_device_and_a_cpu_sized_config_when_the_run_would_take_days(
         tmp_path, shared_data, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(adalfl.trainer, "StopRequest", StopAfter)
-    StopAfter.reads_before_stop = 14  # past the 12 timed steps
     code = run_train(tmp_path, shared_data, "ce_cifar", "days", "--set", "device=cpu", "--set", "model.name=lenet5",
                      "--set", "train.steps=100000000", "--set", "train.eval_every=50000000",
-                     "--set", "train.checkpoint_every=100000000")
+                     "--set", "train.checkpoint_every=100000000", stop=StopAfter(14))  # past the 12 timed steps
     assert code == 130
     out = capsys.readouterr()
     text = out.out + out.err
