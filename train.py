@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from adalfl import config as single_task
-from adalfl import trainer as single_task_trainer
+from adalfl import single_task_run
 from engine.errors import UserError
 from engine.experiment import Family, run_experiment
 from engine.run_loop import Stop
@@ -21,7 +21,7 @@ from npbml import config as episodic
 from npbml import meta_trainer as episodic_trainer
 
 FAMILIES = (  # every kind of experiment train.py runs, told apart by the config's method
-    Family(single_task.METHODS, single_task.SingleTaskConfig, single_task_trainer.train),
+    Family(single_task.METHODS, single_task.SingleTaskConfig, single_task_run.train),
     Family(episodic.METHODS, episodic.EpisodicConfig, episodic_trainer.train),
 )
 

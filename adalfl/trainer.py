@@ -1,22 +1,11 @@
-"""Single-task training with a handcrafted, searched (TaylorGLO, EvoMAL), offline-learned (ML3) or online-adapted
-(AdaLFL) loss.
-
-Phase 1 (ml3, adalfl): `meta.init_steps` meta steps, each one differentiable base step on a
-training batch followed by a loss-network update from the task loss on a meta batch; the base
-model is re-initialised every `meta.reset_period` steps. Phase 2: `train.steps` base steps of
-one model from a fresh initialisation; adalfl keeps meta-learning the loss at every step (the
-virtual step is the real step), ml3 freezes it, ce/mse/label_smoothing/sparse_lsr use a handcrafted loss.
-taylorglo first searches its loss with CMA-ES, evomal with genetic programming and a gradient local search (both
-checkpointed per generation), then trains with it frozen.
-For every method with a loss other than the task's own, phase 2 logs two readouts every
-`log.scalars_every` steps (adalfl/analysis.py): the gradient-norm ratio to the task loss and argmin_p l(1, p).
-"""
+"""The state of a single-task run (handcrafted, searched, offline-learned or online-adapted loss): the base model,
+its optimizer and schedule, the learned loss or the search, the records; with the building blocks every phase uses
+(fresh base models, batches by random stream, evaluation, checkpoints, logging). The phases themselves run in
+adalfl/single_task_run.py."""
 
 from __future__ import annotations
 
 import functools
-import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +16,13 @@ from tqdm import tqdm
 
 from adalfl.adaptive_loss import AdaptiveLoss, regression_loss
 from adalfl.config import SingleTaskConfig
-from adalfl.evomal import EvoMALLoss
 from adalfl.implied_schedule import load_implied_schedule
 from adalfl.loss_network import OutputWiseLoss
 from adalfl.loss_search import LOSS_SEARCHES, LossSearch
 from adalfl.methods import METHOD_SPECS
-from adalfl.online_step import LossFn, StepStats, online_step
+from adalfl.online_step import LossFn, StepStats
 from adalfl.readouts import LossReadouts
 from adalfl.sparse_lsr import sparse_label_smoothing
-from adalfl.streams import INIT_META_STREAM, INIT_TRAIN_STREAM, META_STREAM, TRAIN_STREAM
 from engine.checkpoint import save_checkpoint
 from engine.compute_clock import ComputeClock
 from engine.device import resolve_device
@@ -50,18 +37,12 @@ from engine.distributed import (
     world,
 )
 from engine.errors import ConfigError, NonFiniteError
-from engine.hparams import log_hparams
 from engine.nonfinite_guard import NonFiniteGuard
 from engine.rng import rng_state, seed_everything, set_rng_state, step_generator
-from engine.run_dir import RunDir, write_results, write_text_atomic
-from engine.run_estimate import StepTimer, estimate_message, timed
-from engine.run_loop import StepBoundary, Stop, restore
-from engine.selection import best_validation, selection_summary
+from engine.run_dir import RunDir
+from engine.selection import best_validation
 from tasks.models import build_model
 from tasks.supervised import SupervisedTask, batch_indices, load_task
-
-# The config to name when a run's projected wall time on a CPU exceeds a day, by data set.
-CPU_SIZED_CONFIGS = {"cifar10": "configs/adalfl_cifar_small.yaml"}
 
 
 class SingleTaskTrainer:
@@ -202,7 +183,7 @@ class SingleTaskTrainer:
     def _memory_format(self, inputs: torch.Tensor) -> torch.Tensor:
         return inputs.contiguous(memory_format=torch.channels_last) if self.channels_last else inputs
 
-    def _meta_batch(self, batch: tuple[torch.Tensor, torch.Tensor], step: int, stream: int
+    def meta_batch(self, batch: tuple[torch.Tensor, torch.Tensor], step: int, stream: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The meta batch for the step taken on `batch`, from `meta.batch_source`."""
         source = self.config.meta.batch_source
@@ -280,7 +261,7 @@ class SingleTaskTrainer:
             save_checkpoint(self.run.checkpoint, state)
 
     # ----- logging ---------------------------------------------------------------------------
-    def _log_step(self, writer: EventWriter, prefix: str, step: int, stats: StepStats) -> dict[str, float]:
+    def log_step(self, writer: EventWriter, prefix: str, step: int, stats: StepStats) -> dict[str, float]:
         """Write the step's scalars, averaged over the ranks (the one host sync of a logging interval, after the
         finite check); returns them for the progress bar."""
         self.check_finite()
@@ -297,7 +278,7 @@ class SingleTaskTrainer:
             writer.add_scalar(f"{prefix}/{key}", value, step)
         return values
 
-    def _log_evaluation(self, writer: EventWriter) -> dict[str, float]:
+    def log_evaluation(self, writer: EventWriter) -> dict[str, float]:
         record: dict[str, float] = {"step": self.step}
         for split in ("val", "test"):
             for key, value in self.evaluate(self.model, split).items():
@@ -322,218 +303,3 @@ class SingleTaskTrainer:
     def close_progress_bar(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-    def _evaluations_left(self) -> int:
-        steps, every = self.config.train.steps, self.config.train.eval_every
-        return steps // every - self.step // every + (1 if steps % every else 0)
-
-    def _evaluation_seconds(self) -> float:
-        """One evaluation (validation and test sets), timed on one chunk of this rank's share."""
-        chunk = self.config.train.eval_batch_size
-        inputs, _ = self.task.batch("val", torch.arange(min(chunk, self.task.size("val"))), device=self.device)
-        self.model.eval()
-        with torch.no_grad():
-            seconds = timed(self.device, lambda: self.model(inputs))
-        self.model.train()
-        chunks = sum(math.ceil(self.task.size(split) / chunk) for split in ("val", "test"))
-        return seconds * math.ceil(chunks / self.world.size)
-
-    def _report_estimate(self, phase: str):
-        """Print, once per phase, the projected wall time of the rest of the run from its measured steps, and on a
-        CPU where that exceeds a day, a config sized for it."""
-        def report(seconds_per_step: float) -> None:
-            cfg = self.config
-            if phase == "phase 1":
-                parts = [("phase 1", seconds_per_step * (cfg.meta.init_steps - self.init_step)),
-                         ("phase 2 (at phase 1's step cost)", seconds_per_step * cfg.train.steps)]
-            else:
-                parts = [("phase 2", seconds_per_step * (cfg.train.steps - self.step))]
-            parts.append((f"{self._evaluations_left()} evaluations",
-                          self._evaluation_seconds() * self._evaluations_left()))
-            small = CPU_SIZED_CONFIGS.get(cfg.data.dataset)
-            advice = f"{small} is sized for a CPU" if small else "lower train.steps or choose a smaller model.name"
-            if self.world.is_main:
-                tqdm.write(estimate_message(self.device, parts, advice))
-        return report
-
-    # ----- the two phases --------------------------------------------------------------------
-    def offline_initialisation(self, stop: Stop) -> None:
-        """Phase 1: learn the loss's initial shape over short horizons of freshly initialised models."""
-        meta = self.config.meta
-        writer = EventWriter(self.run.events / "init", purge_step=self.init_step)
-        bar = self.progress_bar("phase 1: loss init")
-        timer = StepTimer(self.device, self._report_estimate("phase 1"))
-        boundary = StepBoundary(stop, self.save, self.config.train.checkpoint_every, meta.init_steps)
-        try:
-            while self.init_step < meta.init_steps:
-                self.clock.start()
-                if self.init_model is None or self.init_step % meta.reset_period == 0:
-                    self.init_model = self.fresh_base(stream=1 + self.init_step)
-                model, optimizer, _ = self.init_model
-                batch = self.batch("train", self.init_step, INIT_TRAIN_STREAM)
-                stats = self.adaptive.step(model, optimizer, batch, self._meta_batch(batch, self.init_step,
-                                                                                    INIT_META_STREAM), adapt=True)
-                self.init_guard.record(stats.finite, self.init_step)
-                self.init_step += 1
-                self.clock.stop()
-                if self.init_step % self.config.log.scalars_every == 0:
-                    values = self._log_step(writer, "init", self.init_step, stats)
-                    probed = self.batch("train", self.init_step - 1, INIT_TRAIN_STREAM, whole=True)
-                    self.records.offline(writer, self.fresh_base(stream=0)[0], self.init_model[0], self.loss_net,
-                                         probed, self.init_step)
-                    bar.set_postfix(learned=f"{values['learned_loss']:.4f}", meta=f"{values['meta_loss']:.4f}",
-                                    refresh=False)
-                bar.update()
-                timer.step_done()
-                if self.init_step == meta.init_steps:
-                    self.init_model = None
-                    self.records.shape(writer, self.loss_net, "init", self.init_step)
-                boundary(self.init_step)
-        finally:
-            writer.close()
-
-    def loss_search(self, stop: Stop) -> None:
-        """TaylorGLO / EvoMAL: generations of the loss search on the validation metric, checkpointed after each;
-        then the best loss."""
-        method, generations = self.config.method, self.search.generations
-        writer = EventWriter(self.run.events / "search", purge_step=self.search.generation)
-        boundary = StepBoundary(stop, self.save, 1, generations)  # every generation is checkpointed
-        bar = tqdm(total=generations, initial=self.search.generation, desc=f"{method} search",
-                   unit="generation", dynamic_ncols=True, disable=not self.world.is_main)
-        try:
-            while self.search.generation < generations:
-                self.clock.start()
-                record = self.search.step()
-                self.clock.stop()
-                for key in ("best", "median", "best_so_far"):
-                    writer.add_scalar(f"{method}/{key}_val_{self.metric}", record[key], record["generation"])
-                if self.world.is_main:
-                    write_text_atomic(self.run.path / f"{method}_search.json", json.dumps(self.search.log, indent=1))
-                bar.update()
-                bar.set_postfix(best=f"{self.search.best_fitness:.4f}")
-                boundary(self.search.generation)
-        finally:
-            bar.close()
-            writer.close()
-        self.loss_net = self.search.best_loss()
-        if isinstance(self.loss_net, EvoMALLoss):
-            formula = self.loss_net.formula()
-            with EventWriter(self.run.events / "search") as text_writer:
-                text_writer.add_text("evomal/best_loss", formula, self.search.generation)
-            if self.world.is_main:
-                print(f"evomal: best loss {formula} (val {self.metric} {self.search.best_fitness:.4f})")
-
-    def online_training(self, stop: Stop) -> None:
-        """Phase 2: train the model for `train.steps` steps; adalfl adapts the loss at every step."""
-        cfg = self.config
-        writer = EventWriter(self.run.events, purge_step=self.step)
-        adapt = self.spec.online
-        loss_fn = self.loss_net if self.loss_net is not None else self.handcrafted_loss
-        bar = self.progress_bar(f"phase 2: {cfg.method}")
-        timer = StepTimer(self.device, self._report_estimate("phase 2"))
-        boundary = StepBoundary(stop, self.save, cfg.train.checkpoint_every, cfg.train.steps)
-        postfix: dict[str, str] = {}
-        try:
-            if self.step == 0 and self.loss_net is not None:
-                self.records.shape(writer, self.loss_net, "online", 0)
-            while self.step < cfg.train.steps:
-                self.clock.start()
-                batch = self.batch("train", self.step, TRAIN_STREAM)
-                if self.adaptive is not None:
-                    meta_batch = (self._meta_batch(batch, self.step, META_STREAM)
-                                  if adapt and self.adaptive.update_due else None)
-                    stats = self.adaptive.step(self.model, self.optimizer, batch, meta_batch,
-                                               adapt=None if adapt else False)
-                    if stats.meta_loss is not None:
-                        self.meta_stats = stats
-                else:
-                    stats = online_step(self.model, loss_fn, self.optimizer, batch, self.task_loss, amp=self.amp)
-                self.guard.record(stats.finite, self.step)
-                self.scheduler.step()
-                self.step += 1
-                self.clock.stop()
-                if self.step % cfg.log.scalars_every == 0:
-                    values = self._log_step(writer, "train", self.step, stats)
-                    writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
-                    if self.loss_net is not None:
-                        self.records.online(writer, self.model, self.loss_net,
-                                            self.batch("train", self.step - 1, TRAIN_STREAM, whole=True), self.step)
-                    postfix["loss"] = f"{values['task_loss']:.4f}"
-                    if "meta_loss" in values:
-                        postfix["meta"] = f"{values['meta_loss']:.4f}"
-                if adapt and self.step % cfg.log.loss_shape_every == 0:
-                    self.records.shape(writer, self.loss_net, "online", self.step)
-                if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
-                    self.check_finite()
-                    record = self._log_evaluation(writer)
-                    postfix[f"val_{self.metric}"] = f"{record[f'val_{self.metric}']:.4f}"
-                bar.update()
-                bar.set_postfix(postfix, refresh=False)
-                timer.step_done()
-                boundary(self.step)
-        finally:
-            writer.close()
-
-    def hparams(self) -> dict[str, Any]:
-        """The settings a grid varies, for TensorBoard's HParams dashboard."""
-        cfg = self.config
-        values = {"method": cfg.method, "model": cfg.model.name, "dataset": cfg.data.dataset, "seed": cfg.seed,
-                  "steps": cfg.train.steps, "optimizer": cfg.optimizer.name, "lr": cfg.optimizer.lr,
-                  "batch_size": cfg.train.batch_size, "world_size": self.world.size}
-        if self.learns_loss:
-            meta = cfg.meta
-            values |= {"meta_lr": meta.lr, "init_steps": meta.init_steps, "loss_form": meta.loss_form,
-                       "batch_source": meta.batch_source, "max_grad_ratio": meta.grad_ratio(cfg.method),
-                       "update_every": meta.update_every,
-                       "grad_scale": meta.grad_scale}
-        return values
-
-    def results(self) -> dict[str, Any]:
-        final = self.history[-1]
-        cfg = self.config
-        return {
-            "method": cfg.method, "dataset": cfg.data.dataset, "model": cfg.model.name, "seed": cfg.seed,
-            "steps": self.step, "init_steps": self.init_step if self.learns_loss else 0,
-            "world_size": self.world.size, "per_rank_batch_size": cfg.train.batch_size // self.world.size,
-            f"test_{self.metric}": final[f"test_{self.metric}"], f"val_{self.metric}": final[f"val_{self.metric}"],
-            **selection_summary(self.history, self.metric),
-            "test_loss": final["test_loss"], "wall_time_s": round(self.clock.wall, 3),
-            "cpu_time_s": round(self.clock.cpu, 3), "compute_s": round(self.clock.seconds(self.device), 3),
-            "history": self.history,
-            "readouts": self.records.readouts, "init_readouts": self.records.init_readouts,
-            **(self.search.results() if self.search is not None else {}),
-        }
-
-
-def train(config: SingleTaskConfig, run: RunDir, data_root: Path, resume: bool, stop: Stop) -> dict[str, Any]:
-    """Run (or resume) a single-task experiment in `run`, stopping at a step boundary when `stop` asks; writes
-    results.json and returns it."""
-    trainer = SingleTaskTrainer(config, run, data_root)
-    if resume:
-        restore(run.checkpoint, trainer.load_state_dict)
-    if trainer.world.is_main:
-        print(trainer.describe_device())
-    try:
-        if trainer.learns_loss and trainer.init_step < config.meta.init_steps:
-            trainer.offline_initialisation(stop)
-        if trainer.search is not None and trainer.search.generation < trainer.search.generations:
-            trainer.loss_search(stop)
-        if trainer.step < config.train.steps:
-            trainer.online_training(stop)
-    finally:
-        trainer.close_progress_bar()
-    results = trainer.results()
-    if not trainer.world.is_main:
-        return results
-    metric = trainer.metric
-    log_hparams(run.events, trainer.hparams(), {f"hparams/test_{metric}": results[f"test_{metric}"],
-                                                f"hparams/val_{metric}": results[f"val_{metric}"],
-                                                f"hparams/test_{metric}_at_best_val":
-                                                    results[f"test_{metric}_at_best_val"]})
-    if trainer.records.loss_shapes:
-        write_text_atomic(run.path / "loss_shapes.json", json.dumps(trainer.records.loss_shapes))
-    write_results(run, results)
-    print(f"{config.method}: test {metric} {results[f'test_{metric}']:.4f} (final), "
-          f"{results[f'test_{metric}_at_best_val']:.4f} at the best validation {metric} (step "
-          f"{results['best_val_step']}); results in {run.results}")
-    return results
