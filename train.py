@@ -16,6 +16,7 @@ from adalfl import config as single_task
 from adalfl import single_task_run
 from engine.errors import UserError
 from engine.experiment import Family, run_experiment
+from engine.interrupt import RunInterrupted
 from engine.run_loop import Stop
 from npbml import config as episodic
 from npbml import meta_trainer as episodic_trainer
@@ -62,8 +63,12 @@ def main(argv: list[str] | None = None, stop: Stop | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as stopped:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"interrupted; the last checkpoint is kept: continue with {stopped.resume}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is kept: continue with --resume <run folder>", file=sys.stderr)
+        print("interrupted before the run started; there is nothing to resume", file=sys.stderr)
         return 130
     return 0
 

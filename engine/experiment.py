@@ -15,7 +15,7 @@ from engine.config import apply_override, build_config, load_yaml, to_dict
 from engine.device import set_threads
 from engine.distributed import barrier, broadcast_object, join, leave, world
 from engine.errors import ConfigError, UserError
-from engine.interrupt import StopRequest
+from engine.interrupt import RunInterrupted, StopRequest
 from engine.run_dir import default_run_name, discard_unstarted, existing_run_dir, new_run_dir
 from engine.run_lock import RunLock
 from engine.run_loop import Stop
@@ -41,6 +41,12 @@ def resolve_config(data: dict[str, Any], families: Sequence[Family]) -> tuple[An
     near = difflib.get_close_matches(str(method), valid, n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
     raise ConfigError(f"method = {method!r} is not valid{hint}; choose one of: {', '.join(valid)}")
+
+
+def resume_command(run_path: Path, processes: int) -> str:
+    """The command that continues the run in `run_path`, with as many processes as it ran with."""
+    launch = f"torchrun --nproc_per_node {processes} train.py" if processes > 1 else "python train.py"
+    return f"{launch} --resume {run_path}"
 
 
 def resolve_data_root(flag: str | None, configured: str | None) -> Path:
@@ -83,9 +89,8 @@ def run_experiment(
     try:
         size = join(config.device).size
         if resume is not None and started_with != size:
-            launch = f"torchrun --nproc_per_node {started_with} train.py" if started_with > 1 else "python train.py"
             raise UserError(f"{run.path} was run by {started_with} process(es) and this is {size}; resume it with "
-                            f"the same number: {launch} --resume {run.path}")
+                            f"the same number: {resume_command(run.path, started_with)}")
         if resume is None:
             name = broadcast_object(config.name or default_run_name(config_path))
             lock = RunLock(runs_root / name) if world().is_main else None
@@ -95,10 +100,16 @@ def run_experiment(
             lock = RunLock(run.path)
             lock.acquire(take_over)
         root = resolve_data_root(data_root, config.data.root)
-        if stop is not None:
-            return _train(config, train, run, root, resume is not None, lock, stop)
-        with StopRequest() as signals:
-            return _train(config, train, run, root, resume is not None, lock, signals)
+        if world().is_main:
+            print(f"run folder: {run.path} ({'resumed' if resume is not None else 'new'}; data from {root}; "
+                  f"{size} process(es), threads: {config.threads or 'torch default'})", flush=True)
+        try:
+            if stop is not None:
+                return _train(config, train, run, root, resume is not None, lock, stop)
+            with StopRequest() as signals:
+                return _train(config, train, run, root, resume is not None, lock, signals)
+        except KeyboardInterrupt:
+            raise RunInterrupted(resume_command(run.path, size)) from None
     finally:
         if lock is not None:
             lock.release()

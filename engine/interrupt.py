@@ -7,6 +7,14 @@ import threading
 from types import FrameType
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped at a step boundary after its checkpoint; `resume` is the exact command that continues it."""
+
+    def __init__(self, resume: str) -> None:
+        super().__init__(resume)
+        self.resume = resume
+
+
 class StopRequest:
     """Context manager: the first SIGINT/SIGTERM sets `requested`; a second one interrupts at once."""
 

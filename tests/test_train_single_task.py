@@ -100,6 +100,18 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, shared_d
         assert split[key] == whole[key]
 
 
+def test_a_stopped_run_names_its_folder_and_the_exact_command_that_continues_it(tmp_path, shared_data,
+                                                                                  capsys) -> None:
+    assert run_train(tmp_path, shared_data, "mse_california", "stopped", *QUICK, stop=StopAfter(5)) == 130
+    out = capsys.readouterr()
+    folder = tmp_path / "stopped"
+    assert f"run folder: {folder} (new;" in out.out
+    command = f"python train.py --resume {folder}"
+    assert f"interrupted; the last checkpoint is kept: continue with {command}\n" in out.err, out.err
+    assert train.main([*command.split()[2:], "--data-root", str(shared_data)]) == 0
+    assert f"run folder: {folder} (resumed;" in capsys.readouterr().out
+
+
 def expect_error(capsys, code: int, *fragments: str) -> None:
     assert code == 2
     message = capsys.readouterr().err
