@@ -1,6 +1,6 @@
 """Cost of AdaLFL's online step against one bare cross-entropy step, measured side by side.
 
-    .venv/bin/python bench/bench_online_step.py [--repeats 10] [--device cpu|cuda]
+    .venv/bin/python bench/bench_online_step.py [--repeats 10] [--device cpu|cuda] [--models lenet5 allcnnc]
 
 The baseline is the bare PyTorch step (zero_grad, forward, cross-entropy, backward, optimizer.step) with no
 project code around it; the AdaLFL step is `AdaptiveLoss.step` with the same optimizer (SGD with Nesterov
@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", nargs="+", choices=[name for name, _ in CASES], default=[n for n, _ in CASES],
+                        help="the models to time (default: all)")
     args = parser.parse_args()
     device = torch.device(args.device)
     clock = time.process_time if device.type == "cpu" else time.perf_counter
@@ -98,7 +100,7 @@ def main() -> None:
           "| k = 4 (<= 1.7) | k = 16 (<= 1.3) | CE peak (MB) | AdaLFL peak (MB), k = 1 / 4 / 16 "
           "| memory ratio (<= 2.5) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, shape in CASES:
+    for name, shape in (case for case in CASES if case[0] in args.models):
         for optimizer_name, (_, target) in OPTIMIZERS.items():
             steps = {kind: make_step(name, shape, optimizer_name, kind, device, args.batch) for kind in KINDS}
             per_block = {kind: UPDATE_EVERY.get(kind, 1) for kind in KINDS}
