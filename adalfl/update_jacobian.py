@@ -18,71 +18,108 @@ after the step and the state after the step (m', v', square_avg'):
 
 Covered: torch.optim.SGD, Adam (incl. decoupled_weight_decay), AdamW and RMSprop; foreach / fused
 implementations compute the same update and are accepted. Rejected with a clear error: amsgrad, maximize,
-centered RMSprop, SGD dampening, and every other optimizer (LBFGS, Adagrad, ...).
+centered RMSprop, SGD dampening, and every other optimizer (LBFGS, Adagrad, ...). `UPDATES` is the one table of
+covered optimizers: another elementwise optimizer is covered by adding its `ElementwiseUpdate` there.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from engine.errors import ConfigError
 
-SUPPORTED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
 Diagonal = dict[torch.Tensor, torch.Tensor | float]  # parameter -> D (a tensor of its shape, or a scalar)
+Group = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ElementwiseUpdate:
+    """How one optimizer's update depends on the gradient: `diagonal(group, state, d)` gives D from the parameter
+    group's settings, the state after the step and the step's gradient d (with L2 decay added unless
+    `decoupled(group)`); `uses_gradient` False when D ignores d (the caller then keeps no copy of the gradients);
+    `refused` maps a setting whose truthy value the formula does not cover to the fix the error message gives."""
+
+    diagonal: Callable[[Group, dict[str, torch.Tensor], torch.Tensor], torch.Tensor | float]
+    uses_gradient: bool = True
+    decoupled: Callable[[Group], bool] = lambda group: bool(group.get("decoupled_weight_decay", False))
+    refused: tuple[tuple[str, str], ...] = ()
+
+
+def _sgd(group: Group, state: dict[str, torch.Tensor], d: torch.Tensor) -> float:
+    lr = float(group["lr"])
+    return lr * (1.0 + group["momentum"]) if group["nesterov"] else lr
+
+
+def _adam(group: Group, state: dict[str, torch.Tensor], d: torch.Tensor) -> torch.Tensor:
+    beta1, beta2 = group["betas"]
+    t = float(state["step"])
+    bias1, bias2 = 1 - beta1**t, 1 - beta2**t
+    root = (state["exp_avg_sq"] / bias2).sqrt()
+    s = root + group["eps"]
+    correction = torch.where(
+        root > 0, state["exp_avg"] * (1 - beta2) * d / (bias2 * root.clamp_min(1e-38) * s * s), 0.0
+    )
+    return float(group["lr"]) / bias1 * ((1 - beta1) / s - correction)
+
+
+def _rmsprop(group: Group, state: dict[str, torch.Tensor], d: torch.Tensor) -> torch.Tensor:
+    root = state["square_avg"].sqrt()
+    s = root + group["eps"]
+    correction = torch.where(root > 0, (1 - group["alpha"]) * d * d / (root.clamp_min(1e-38) * s * s), 0.0)
+    return float(group["lr"]) * (1.0 / s - correction)
+
+
+_MAXIMIZE = ("maximize", "minimise instead")
+_AMSGRAD = ("amsgrad", "use amsgrad=False")
+UPDATES: dict[type[torch.optim.Optimizer], ElementwiseUpdate] = {
+    torch.optim.SGD: ElementwiseUpdate(
+        _sgd, uses_gradient=False, refused=(_MAXIMIZE, ("dampening", "use dampening=0"))
+    ),
+    torch.optim.Adam: ElementwiseUpdate(_adam, refused=(_MAXIMIZE, _AMSGRAD)),
+    torch.optim.AdamW: ElementwiseUpdate(_adam, decoupled=lambda group: True, refused=(_MAXIMIZE, _AMSGRAD)),
+    torch.optim.RMSprop: ElementwiseUpdate(_rmsprop, refused=(_MAXIMIZE, ("centered", "use centered=False"))),
+}
+
+
+def elementwise_update(optimizer: torch.optim.Optimizer) -> ElementwiseUpdate:
+    """The table entry of `optimizer`'s class (or its nearest covered base class); ConfigError when there is none or
+    a parameter group has a setting the formula does not cover."""
+    name = type(optimizer).__name__
+    update = next((UPDATES[cls] for cls in type(optimizer).__mro__ if cls in UPDATES), None)
+    if update is None:
+        covered = ", ".join(cls.__name__ for cls in UPDATES)
+        raise ConfigError(f"the online loss update needs an optimizer whose update is elementwise in the gradient "
+                          f"({covered}); got {name}")
+    for group in optimizer.param_groups:
+        for setting, fix in update.refused:
+            if group.get(setting):
+                raise ConfigError(f"{name}({setting}={group[setting]}) is not covered by the online loss update; {fix}")
+    return update
 
 
 def check_supported(optimizer: torch.optim.Optimizer) -> None:
     """Raise ConfigError unless the one-step meta-gradient covers `optimizer` with its current settings."""
-    name = type(optimizer).__name__
-    if not isinstance(optimizer, SUPPORTED):
-        raise ConfigError(f"the online loss update needs an optimizer whose update is elementwise in the gradient "
-                          f"(SGD, Adam, AdamW, RMSprop); got {name}")
-    for group in optimizer.param_groups:
-        if group.get("maximize", False):
-            raise ConfigError(f"{name}(maximize=True) is not covered by the online loss update; minimise instead")
-        if group.get("amsgrad", False):
-            raise ConfigError(f"{name}(amsgrad=True) is not covered by the online loss update; use amsgrad=False")
-        if group.get("centered", False):
-            raise ConfigError("RMSprop(centered=True) is not covered by the online loss update; use centered=False")
-        if isinstance(optimizer, torch.optim.SGD) and group["dampening"] != 0:
-            raise ConfigError("SGD(dampening != 0) is not covered by the online loss update; use dampening=0")
-
-
-def _decoupled(optimizer: torch.optim.Optimizer, group: dict) -> bool:
-    return isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+    elementwise_update(optimizer)
 
 
 def update_jacobian_diagonal(
     optimizer: torch.optim.Optimizer, grads: dict[torch.Tensor, torch.Tensor], old: dict[torch.Tensor, torch.Tensor]
 ) -> Diagonal:
     """D for every parameter of `optimizer` that had a gradient, read after `optimizer.step()`: `grads` are the
-    gradients the step used, `old` the parameters before it."""
+    gradients the step used (any tensor per parameter when the update does not use them), `old` the parameters
+    before it."""
+    update = elementwise_update(optimizer)
     diagonal: Diagonal = {}
     for group in optimizer.param_groups:
-        lr = float(group["lr"])
         for p in group["params"]:
             if p not in grads:
                 continue
-            if isinstance(optimizer, torch.optim.SGD):
-                diagonal[p] = lr * (1.0 + group["momentum"]) if group["nesterov"] else lr
-                continue
-            state = optimizer.state[p]
             d = grads[p]
-            if group["weight_decay"] != 0 and not _decoupled(optimizer, group):
+            if update.uses_gradient and group["weight_decay"] != 0 and not update.decoupled(group):
                 d = d + group["weight_decay"] * old[p]
-            if isinstance(optimizer, torch.optim.RMSprop):
-                root = state["square_avg"].sqrt()
-                s = root + group["eps"]
-                correction = torch.where(root > 0, (1 - group["alpha"]) * d * d / (root.clamp_min(1e-38) * s * s), 0.0)
-                diagonal[p] = lr * (1.0 / s - correction)
-                continue
-            beta1, beta2 = group["betas"]
-            t = float(state["step"])
-            bias1, bias2 = 1 - beta1**t, 1 - beta2**t
-            root = (state["exp_avg_sq"] / bias2).sqrt()
-            s = root + group["eps"]
-            correction = torch.where(
-                root > 0, state["exp_avg"] * (1 - beta2) * d / (bias2 * root.clamp_min(1e-38) * s * s), 0.0
-            )
-            diagonal[p] = lr / bias1 * ((1 - beta1) / s - correction)
+            diagonal[p] = update.diagonal(group, optimizer.state[p], d)
     return diagonal

@@ -16,6 +16,7 @@ import adalfl.adaptive_loss
 from adalfl.adaptive_loss import AdaptiveLoss
 from adalfl.loss_network import OutputWiseLoss
 from adalfl.online_step import batch_statistics_only, online_step
+from adalfl.update_jacobian import UPDATES, elementwise_update
 from engine.errors import ConfigError
 
 OPTIMIZERS = {
@@ -170,3 +171,15 @@ def test_the_real_step_is_the_optimizers_own_step(kind: str) -> None:
     reference_optimizer.step()
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_a_subclass_of_a_covered_optimizer_uses_its_base_class_formula() -> None:
+    class LoggedAdam(torch.optim.Adam):
+        pass
+
+    model, loss_net, optimizer, batch, meta_batch = setup("adam")
+    subclassed = LoggedAdam(model.parameters())
+    subclassed.load_state_dict(optimizer.state_dict())
+    assert elementwise_update(subclassed) is UPDATES[torch.optim.Adam]
+    assert elementwise_update(torch.optim.AdamW(model.parameters())) is UPDATES[torch.optim.AdamW]
+    assert not elementwise_update(torch.optim.SGD(model.parameters(), lr=0.1)).uses_gradient
