@@ -57,10 +57,10 @@ class OuterConfig:
 
     lr: float = 0.001
     meta_batch: int = 4
-    iterations: int = 30000
-    grad_clip: float | None = 10.0
+    iterations: int = 60000
+    grad_clip: float | None = None  # the reference clips nothing
     cosine: bool = True
-    min_lr: float = 0.0
+    min_lr: float = 1e-5  # the reference's cosine floor
     loss_lr: float | None = None  # NPBML: the loss networks' outer lr (null: outer.lr); cosine-annealed alike
     # adapt a meta-batch's tasks as one vmapped computation (NPBML.forward_tasks) instead of task by task; MAML and
     # Meta-SGD then run on the same functional inner loop as NPBML with its components off (README, "Episodic
@@ -76,7 +76,10 @@ class ComponentsConfig:
     warp: bool = True  # warp (preconditioning) layers: the meta-learned optimizer
     learned_inner_lr: bool = False  # per-parameter inner learning rates (Meta-SGD) on top
     learned_loss: bool = True  # task-adaptive loss CE + L_S + L_Q + R
-    film: bool = True  # FiLM in the adapted backbone blocks and the loss networks
+    film: bool = True  # FiLM in the adapted backbone blocks
+    loss_film: bool = False  # FiLM in the loss networks too (commented out in the reference's loss network)
+    # L_Q's network: "shared" with L_S (the reference calls its inductive network for L_Q) or its "own"
+    loss_query_net: Literal["shared", "own"] = "shared"
     # The loss networks' initialisation: "small" (the reference's: weights N(0, 0.01), biases PyTorch's default),
     # "small_zero_bias" (zero biases too: the regulariser's ReLUs die early) or "zero_output" (PyTorch's default
     # init, output layer zero); npbml/task_loss.py and the README's episodic section.
@@ -93,7 +96,7 @@ class ComponentsConfig:
 @dataclass
 class EvalConfig:
     every: int = 500  # meta-validate every this many meta-iterations
-    val_tasks: int = 100
+    val_tasks: int = 600
     test_tasks: int = 600
     test_dataset: Dataset | None = None  # cross-domain: meta-test on this data set's test split instead
 

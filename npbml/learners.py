@@ -76,8 +76,10 @@ class ComponentLearner(nn.Module):
         for name, param in params.items():
             if (not self.components.learn_init and not is_meta_only(name)) or self.resets(name):
                 param.requires_grad_(False)
-        self.loss = TaskAdaptiveLoss(config.data.ways, self.components.film, init=self.components.loss_init,
-                                     learned=self.components.loss_terms) if self.components.learned_loss else None
+        self.loss = TaskAdaptiveLoss(
+            config.data.ways, len(self.names), film=self.components.loss_film, init=self.components.loss_init,
+            learned=self.components.loss_terms, query_net=self.components.loss_query_net,
+        ) if self.components.learned_loss else None
         self.lrs = nn.ParameterList(
             nn.Parameter(torch.full_like(params[n], self.inner.lr)) for n in self.names
         ) if self.components.learned_inner_lr else None
@@ -99,11 +101,10 @@ class ComponentLearner(nn.Module):
     def inner_loss(self, params: dict[str, torch.Tensor], support_y: torch.Tensor,
                    inner_features: torch.Tensor) -> torch.Tensor:
         """The loss the inner loop descends: cross-entropy on the support, or the task-adaptive loss."""
-        logits = self.logits(params, inner_features)
         if self.loss is None:
-            return F.cross_entropy(logits, support_y)
-        support = len(support_y)
-        return self.loss(logits[:support], support_y, logits[support:], list(params.values()))
+            return F.cross_entropy(self.logits(params, inner_features), support_y)
+        logits, embedding = functional_call(self.backbone, params, (inner_features, True, True))
+        return self.loss(logits, embedding, support_y, list(params.values()))
 
     def transductive_x(self, query_x: torch.Tensor) -> torch.Tensor:
         """The first `inner.transductive_shots` query examples of each class (the query is class-major)."""
@@ -193,9 +194,8 @@ class ComponentLearner(nn.Module):
         feels of it)}."""
         features = self.features(episode, train=False)
         params = {n: p.detach().requires_grad_() for n, p in self.task_start().items()}  # for logging only
-        logits = self.logits(params, features.inner)
-        support = len(episode.support_y)
-        terms = self.loss.terms(logits[:support], episode.support_y, logits[support:], list(params.values()))
+        logits, embedding = functional_call(self.backbone, params, (features.inner, True, True))
+        terms = self.loss.terms(logits, embedding, episode.support_y, list(params.values()))
         norms = [torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in torch.autograd.grad(
             term, list(params.values()), retain_graph=True, allow_unused=True, materialize_grads=True)]))
             for term in terms.values()]

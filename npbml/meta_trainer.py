@@ -53,9 +53,9 @@ VALIDATION_STREAM, TEST_STREAM = 1, 2
 
 
 def mean_ci95(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and 95% confidence half-width 1.96 * std / sqrt(n) (population std, as few-shot papers use)."""
+    """Mean and 95% confidence half-width 1.96 * std / sqrt(n), std the unbiased one (as the reference's)."""
     x = torch.tensor(list(values), dtype=torch.float64)
-    return float(x.mean()), float(1.96 * x.std(unbiased=False) / math.sqrt(len(x)))
+    return float(x.mean()), float(1.96 * x.std() / math.sqrt(len(x)))
 
 
 def evaluate(learner: nn.Module, episodes: Iterable[Episode], steps: int, device: torch.device) -> list[float]:

@@ -101,15 +101,19 @@ class Backbone(nn.Module):
             x = block(x)
         return x
 
-    def forward(self, x: torch.Tensor, from_trunk: bool = False) -> torch.Tensor:
-        """Logits of images `x`, or of the trunk's output `x` when `from_trunk`."""
+    def forward(self, x: torch.Tensor, from_trunk: bool = False,
+                with_embedding: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits of images `x`, or of the trunk's output `x` when `from_trunk`; `with_embedding`: (logits, the
+        features the head reads)."""
         if not from_trunk:
             x = self.trunk(x)
         for index in range(self.trunk_blocks, len(self.blocks)):
             x = self.blocks[index](x)
             if self.warps is not None:
                 x = self.warps[str(index)](x)
-        return self.head(x.mean(dim=(2, 3)) if self.global_pool else x.flatten(1))
+        embedding = x.mean(dim=(2, 3)) if self.global_pool else x.flatten(1)
+        logits = self.head(embedding)
+        return (logits, embedding) if with_embedding else logits
 
 
 def conv4(in_shape: tuple[int, ...], ways: int, filters: int = 64, adapted_blocks: int | None = None,

@@ -64,6 +64,19 @@ def split_episode(x: torch.Tensor, y: torch.Tensor, ways: int, shots: int) -> Ep
     )
 
 
+def rotate_classes(episode: Episode, ways: int) -> Episode:
+    """Each class's support and query images rotated by the same random multiple of 90 degrees (Python's `random`,
+    so a seeded episode replays), as the reference rotates Omniglot's meta-train classes."""
+    turns = [random.randrange(4) for _ in range(ways)]
+
+    def rotated(x: torch.Tensor) -> torch.Tensor:
+        per_class = x.reshape(ways, -1, *x.shape[1:])
+        return torch.stack([torch.rot90(images, k, dims=(-2, -1)) for images, k in zip(per_class, turns, strict=True)]
+                           ).reshape(x.shape)
+
+    return Episode(rotated(episode.support_x), episode.support_y, rotated(episode.query_x), episode.query_y)
+
+
 class EpisodeSampler:
     """Draws episodes from a taskset; `ways` and `shots` say how to split them."""
 
@@ -74,7 +87,8 @@ class EpisodeSampler:
 
     def sample(self) -> Episode:
         x, y = self.taskset.sample()
-        return split_episode(x, y, self.ways, self.shots)
+        episode = split_episode(x, y, self.ways, self.shots)
+        return rotate_classes(episode, self.ways) if self.data.rotate_classes else episode
 
     def fixed(self, count: int, seed: int, first: int = 0, stride: int = 1) -> Iterator[Episode]:
         """Episodes first, first + stride, ... of `count` that are the same on every call with the same seed

@@ -7,7 +7,8 @@ from torch import nn
 
 
 class FiLM(nn.Module):
-    """Feature-wise modulation conditioned on the task; zero-initialised, so it starts as the identity.
+    """Feature-wise modulation conditioned on the task, initialised as the reference's: weights N(0, 0.01), biases
+    PyTorch's default U(+-1/sqrt(cond_features)), so it starts near (not at) the identity.
 
     `condition` is one vector [cond_features] for the whole batch: the layer's input pooled over the
     examples (and spatial positions), as in the reference, so every example of a task gets the same
@@ -18,8 +19,7 @@ class FiLM(nn.Module):
         super().__init__()
         self.features = features
         self.map = nn.Linear(cond_features, 2 * features)
-        nn.init.zeros_(self.map.weight)
-        nn.init.zeros_(self.map.bias)
+        nn.init.normal_(self.map.weight, 0.0, 0.01)
 
     def forward(self, z: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         gamma, beta = self.map(condition).split(self.features, dim=-1)

@@ -13,10 +13,13 @@ SPLITS = ("train", "validation", "test")
 
 class ImageClasses(Dataset):
     """uint8 images [n, C, H, W] (a tensor, or a sequence of them decoded on access) with integer labels; items
-    are float images in [0, 1]."""
+    are float images in [0, 1]. `rotate_classes`: episodes rotate each class by a random multiple of 90 degrees
+    (Omniglot's meta-train class augmentation)."""
 
-    def __init__(self, images: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor,
+                 rotate_classes: bool = False) -> None:
         self.images, self.labels = images, labels.tolist()
+        self.rotate_classes = rotate_classes
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -6,17 +6,18 @@ and cached under the project's `.cache/` folder, keyed by a hash of every file's
 modification time (so a replaced image is decoded again); the data folder is only ever read.
 Episodes then index that tensor and never touch PIL or the disk.
 
-Split: the 1623 characters (background then evaluation, sorted by path) are shuffled with a fixed
-seed into 1100 meta-train / 100 meta-validation / 423 meta-test characters (learn2learn's benchmark
-split sizes); each character's 0/90/180/270-degree rotations are four classes of the same split,
-so there are 4 * 1623 = 6492 classes and no rotation of a test character is seen in meta-training.
+Split: Vinyals et al.'s, as the reference code uses it (through torchmeta's split files): with the characters in
+path order (background then evaluation, alphabets and characters sorted), the first 1200 are meta-training
+material and the last 423 (the evaluation set's last 12 alphabets and Gurmukhi's characters 42-45) meta-test;
+of the 1200, the 172 characters of five background alphabets are meta-validation, 1028 meta-train. Each character
+is one class. Meta-train episodes rotate each class by a random multiple of 90 degrees, drawn per episode
+(`ImageClasses.rotate_classes`, tasks/episodes.py); meta-validation and meta-test classes are not rotated.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import random
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -25,13 +26,12 @@ import torch
 
 from engine.checkpoint import atomic_write_bytes
 from engine.errors import DataError
-from tasks.image_classes import SPLITS, ImageClasses
+from tasks.image_classes import ImageClasses
 
 SUBSETS = ("images_background", "images_evaluation")
 CHARACTERS, DRAWINGS, SIZE = 1623, 20, 28
-SPLIT_SIZES = {"train": 1100, "validation": 100, "test": 423}
-SPLIT_SEED = 1623  # fixed: the character split never depends on a run's seed
-ROTATIONS = 4
+SPLIT_SIZES = {"train": 1028, "validation": 172, "test": 423}
+VALIDATION_ALPHABETS = ("Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)")  # background set
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache"
 
 
@@ -92,27 +92,25 @@ def load_omniglot(root: Path, cache_dir: Path = CACHE_DIR, workers: int = 2) -> 
 
 
 def load_omniglot_splits(root: Path) -> dict[str, ImageClasses]:
-    """The meta-train / meta-validation / meta-test character splits, rotations as extra classes."""
+    """The meta-train / meta-validation / meta-test character splits (Vinyals'), meta-train classes rotated."""
     data = load_omniglot(root)
-    return {split: ImageClasses(*omniglot_split(data, split)) for split in SPLITS}
+    splits = {split: ImageClasses(*omniglot_split(data, indices)) for split, indices in
+              split_characters(character_folders(root)).items()}
+    splits["train"].rotate_classes = True
+    return splits
 
 
-def split_characters() -> dict[str, list[int]]:
-    """Character indices of each split (fixed seed, 1100/100/423)."""
-    order = list(range(CHARACTERS))
-    random.Random(SPLIT_SEED).shuffle(order)
-    train, val = SPLIT_SIZES["train"], SPLIT_SIZES["validation"]
-    return {"train": order[:train], "validation": order[train:train + val], "test": order[train + val:]}
+def split_characters(folders: list[Path]) -> dict[str, list[int]]:
+    """Indices (in `folders`' order) of each split's characters: Vinyals' 1028 / 172 / 423."""
+    train_and_validation = CHARACTERS - SPLIT_SIZES["test"]
+    validation = [i for i, f in enumerate(folders[:train_and_validation]) if f.parent.name in VALIDATION_ALPHABETS]
+    held = set(validation)
+    return {"train": [i for i in range(train_and_validation) if i not in held], "validation": validation,
+            "test": list(range(train_and_validation, CHARACTERS))}
 
 
-def omniglot_split(data: torch.Tensor, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 images [n, 1, 28, 28], labels [n]) of one split, rotations as extra classes.
-
-    Class `4 * c + r` is character `c` rotated by `r * 90` degrees.
-    """
-    chars = torch.tensor(split_characters()[split])
-    base = data[chars]  # [C, 20, 28, 28]
-    rotated = torch.stack([torch.rot90(base, r, dims=(-2, -1)) for r in range(ROTATIONS)], dim=1)
-    images = rotated.reshape(-1, 1, SIZE, SIZE).contiguous()
-    labels = (chars[:, None] * ROTATIONS + torch.arange(ROTATIONS)).repeat_interleave(DRAWINGS)
-    return images, labels
+def omniglot_split(data: torch.Tensor, characters: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images [n, 1, 28, 28], labels [n]) of `characters`, one class per character (its index)."""
+    chars = torch.tensor(characters)
+    images = data[chars].reshape(-1, 1, SIZE, SIZE).contiguous()
+    return images, chars.repeat_interleave(DRAWINGS)

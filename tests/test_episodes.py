@@ -17,7 +17,14 @@ from tasks.episodes import EpisodeSampler, check_episodes_fit, python_random, sp
 from tasks.fewshot_datasets import load_splits
 from tasks.image_classes import ImageClasses
 from tasks.mini_imagenet import load_mini_imagenet, pickle_path
-from tasks.omniglot import ROTATIONS, SPLIT_SIZES, SUBSETS, load_omniglot, split_characters
+from tasks.omniglot import (
+    SPLIT_SIZES,
+    SUBSETS,
+    VALIDATION_ALPHABETS,
+    character_folders,
+    load_omniglot,
+    split_characters,
+)
 
 
 @pytest.fixture(scope="session")
@@ -49,14 +56,23 @@ def check_episode(sampler: EpisodeSampler, ways: int, shots: int, query: int) ->
     assert episode.query_y.tolist() == [c for c in range(ways) for _ in range(query)]
 
 
-def test_omniglot_split_is_disjoint_and_complete() -> None:
-    split = split_characters()
+def test_omniglot_split_is_vinyals(shared_data: Path) -> None:
+    """1028 / 172 / 423 characters: the test split is the last 423 in path order (the evaluation set's last 12
+    alphabets and Gurmukhi's characters 42-45), validation five whole background alphabets."""
+    folders = character_folders(shared_data)
+    split = split_characters(folders)
     assert {k: len(v) for k, v in split.items()} == SPLIT_SIZES
     assert len(set().union(*map(set, split.values()))) == 1623
+    test = [folders[i] for i in split["test"]]
+    assert {f.parent.parent.name for f in test} == {"images_evaluation"}
+    gurmukhi = sorted(f.name for f in test if f.parent.name == "Gurmukhi")
+    assert gurmukhi == ["character42", "character43", "character44", "character45"]
+    assert {folders[i].parent.name for i in split["validation"]} == set(VALIDATION_ALPHABETS)
+    assert not {folders[i].parent.name for i in split["train"]} & set(VALIDATION_ALPHABETS)
 
 
 def test_omniglot_episodes(omniglot: dict[str, ImageClasses]) -> None:
-    assert len(omniglot["train"]) == 1100 * ROTATIONS * 20
+    assert len(omniglot["train"]) == 1028 * 20 and len(omniglot["test"]) == 423 * 20
     x, label = omniglot["train"][0]
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and 0.0 <= float(x.min()) <= float(x.max()) <= 1.0
     sampler = EpisodeSampler(omniglot["train"], ways=5, shots=1, query=3)
@@ -65,16 +81,46 @@ def test_omniglot_episodes(omniglot: dict[str, ImageClasses]) -> None:
     assert episode.support_x.shape == (5, 1, 28, 28) and episode.query_x.shape == (15, 1, 28, 28)
 
 
+def test_only_meta_train_classes_are_rotated_each_class_as_one(omniglot: dict[str, ImageClasses]) -> None:
+    """A meta-train episode turns every image of a class by the same multiple of 90 degrees (drawn per episode);
+    meta-validation and meta-test images are never turned."""
+    assert omniglot["train"].rotate_classes and not omniglot["validation"].rotate_classes
+    assert not omniglot["test"].rotate_classes
+    sampler = EpisodeSampler(omniglot["train"], ways=5, shots=2, query=3)
+    turns_seen = set()
+    for seed in range(20):
+        with python_random(seed):
+            rotated = sampler.sample()
+        omniglot["train"].rotate_classes = False
+        try:
+            with python_random(seed):
+                plain = sampler.sample()
+        finally:
+            omniglot["train"].rotate_classes = True
+        assert torch.equal(rotated.support_y, plain.support_y)
+        for c in range(5):
+            images = [(rotated.support_x[2 * c:2 * c + 2], plain.support_x[2 * c:2 * c + 2]),
+                      (rotated.query_x[3 * c:3 * c + 3], plain.query_x[3 * c:3 * c + 3])]
+            turns = {next(k for k in range(4) if torch.equal(r, torch.rot90(p, k, dims=(-2, -1))))
+                     for r, p in images}
+            assert len(turns) == 1
+            turns_seen |= turns
+    assert turns_seen == {0, 1, 2, 3}
+    test_sampler = EpisodeSampler(omniglot["test"], ways=5, shots=1, query=1)
+    episode = next(iter(test_sampler.fixed(1, seed=3)))
+    drawings = {tuple(omniglot["test"].images[i].flatten().tolist()) for i in range(len(omniglot["test"]))}
+    assert all(tuple((x * 255).round().to(torch.uint8).flatten().tolist()) in drawings for x in episode.support_x)
+
+
 def test_no_test_class_in_meta_training(omniglot: dict[str, ImageClasses]) -> None:
-    train = {label // ROTATIONS for label in omniglot["train"].labels}
-    test = {label // ROTATIONS for label in omniglot["test"].labels}
-    validation = {label // ROTATIONS for label in omniglot["validation"].labels}
+    train, test = set(omniglot["train"].labels), set(omniglot["test"].labels)
+    validation = set(omniglot["validation"].labels)
     assert not train & test and not train & validation and not validation & test
     sampler = EpisodeSampler(omniglot["train"], ways=5, shots=1, query=1)
     seen = set()
     for _ in range(200):
         description = sampler.taskset.sample_task_description()
-        seen |= {omniglot["train"].labels[d.index] // ROTATIONS for d in description}
+        seen |= {omniglot["train"].labels[d.index] for d in description}
     assert seen <= train and not seen & test
 
 

@@ -120,8 +120,8 @@ def expect_one_line_error(capsys: pytest.CaptureFixture, code: int, fragment: st
 
 
 @pytest.mark.parametrize(("override", "fragment"), [
-    ("data.ways=5000", "data.ways = 5000 but the omniglot meta-validation split has 400 classes (classes per "
-                       "split: meta-train 4400, meta-validation 400, meta-test 1692); set data.ways to at most 400"),
+    ("data.ways=5000", "data.ways = 5000 but the omniglot meta-validation split has 172 classes (classes per "
+                       "split: meta-train 1028, meta-validation 172, meta-test 423); set data.ways to at most 172"),
     ("data.shots=30", "data.shots + data.query = 30 + 2 = 32 examples per class, but a class of the omniglot "
                       "meta-train split has only 20"),
 ])
