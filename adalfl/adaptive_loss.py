@@ -22,6 +22,7 @@ scalars as device tensors, so nothing waits on the device; check `stats.finite` 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -40,8 +41,13 @@ def regression_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return F.mse_loss(outputs.reshape(targets.shape), targets)
 
 
-class AdaptiveLoss:
-    """An output-wise learned loss M_phi, its meta optimizer (Adam) and AdaLFL's online update.
+SETTINGS = ("num_outputs", "task", "hidden", "beta", "gamma", "form", "max_grad_ratio", "grad_scale", "update_every")
+
+
+class AdaptiveLoss(nn.Module):
+    """An output-wise learned loss M_phi, its meta optimizer (Adam) and AdaLFL's online update, as a module: its
+    `parameters()` are the loss network's, `.to()` moves them (and the meta optimizer's state) to a device or dtype,
+    and calling it gives the learned loss's value.
 
     `form="residual"` (default) is the task loss plus a network whose output layer starts at zero;
     `"network"` is the network alone. `max_grad_ratio` bounds the step's output-gradient norm at that many
@@ -49,7 +55,7 @@ class AdaptiveLoss:
     that the learned loss adapts the step's direction only; `meta_clip` clips the meta-gradient's norm; `amp` (e.g.
     torch.bfloat16) autocasts the model's forward passes, the loss and its meta-gradient staying in float32.
     `update_every=k` updates the loss at every k-th call of `step` only (default 16; 1 is the paper's every-step
-    form; the calls are counted in `state_dict`).
+    form; the calls are counted in `state_dict`, which also holds the settings a load must match).
     """
 
     def __init__(
@@ -67,15 +73,23 @@ class AdaptiveLoss:
         grad_scale: Literal["bound", "match"] = "bound",
         update_every: int = 16,
     ) -> None:
-        if task not in ("classification", "regression"):
-            raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
-        if grad_scale not in ("bound", "match"):
-            raise ValueError(f"grad_scale must be 'bound' or 'match', got {grad_scale!r}")
+        super().__init__()
+        for name, value, allowed in (("task", task, ("classification", "regression")),
+                                     ("form", form, ("residual", "network")), ("grad_scale", grad_scale,
+                                                                                ("bound", "match"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        if not isinstance(num_outputs, int) or num_outputs < 1:
+            raise ValueError(f"num_outputs must be the model's number of outputs (a positive int), got {num_outputs!r}")
         if update_every < 1:
             raise ValueError(f"update_every must be at least 1, got {update_every}")
         if grad_scale == "match" and max_grad_ratio is None:
             raise ValueError("grad_scale='match' sets the step's scale to max_grad_ratio times the task loss's: "
                              "give max_grad_ratio (1.0 keeps the task loss's scale)")
+        self.settings = {"num_outputs": num_outputs, "task": task, "hidden": list(hidden), "beta": beta,
+                         "gamma": gamma, "form": form, "max_grad_ratio": max_grad_ratio, "grad_scale": grad_scale,
+                         "update_every": update_every}
+        self.num_outputs, self.task = num_outputs, task
         self.loss = OutputWiseLoss(
             hidden, beta, gamma, prediction="softmax" if task == "classification" else "identity",
             residual=form == "residual", num_outputs=num_outputs,
@@ -86,19 +100,66 @@ class AdaptiveLoss:
         self.match_scale = grad_scale == "match"
         self.update_every = update_every
         self.scheduled_steps = 0  # calls of `step` that followed the update_every schedule
+        self._checked: set[tuple[int, int]] = set()  # (model, optimizer) pairs whose parameters were checked
 
     @property
     def update_due(self) -> bool:
         """Whether the next `step` with `adapt=None` updates the loss."""
         return self.scheduled_steps % self.update_every == 0
 
-    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The learned loss's value (differentiable in the outputs)."""
-        return self.loss(outputs, targets)
+        return self.loss(outputs, self.checked_targets(outputs, targets))
 
-    def to(self, device: torch.device | str) -> AdaptiveLoss:
-        self.loss.to(device)
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        """`.to()`, `.double()`, `.cuda()` ... move the meta optimizer's state with the parameters."""
+        super()._apply(fn, recurse)
+        for state in self.meta_optimizer.state.values():
+            for key, value in state.items():
+                if key != "step" and torch.is_tensor(value):
+                    state[key] = fn(value)
         return self
+
+    def checked_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """`targets` as the losses take them: class indices as int64 [N] (any integer dtype, [N] or [N, 1]) or
+        class probabilities [N, C]; regression targets as they are. One clear error otherwise."""
+        if not torch.is_tensor(targets):
+            raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+        if outputs.dim() >= 2 and self.task == "classification" and outputs.shape[1] != self.num_outputs:
+            raise ValueError(f"the model gives {outputs.shape[1]} outputs per example but the loss was built with "
+                             f"num_outputs={self.num_outputs}; build AdaptiveLoss(num_outputs={outputs.shape[1]})")
+        if self.task == "regression":
+            return targets
+        if not targets.is_floating_point() and not targets.is_complex() and targets.dtype != torch.bool:
+            if targets.dim() == 2 and targets.shape[1] == 1:
+                targets = targets[:, 0]
+            if targets.shape == outputs.shape[:1]:
+                return targets.long()
+        elif targets.is_floating_point() and targets.shape == outputs.shape:
+            return targets
+        raise ValueError(f"classification targets must be class indices of an integer dtype shaped [{len(outputs)}] "
+                         f"(or [{len(outputs)}, 1]), or class probabilities shaped {list(outputs.shape)}; got "
+                         f"{targets.dtype} shaped {list(targets.shape)}")
+
+    def check_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
+        """One clear error for a step's arguments of the wrong kind; the optimizer's hold on the model's trainable
+        parameters is checked once per (model, optimizer) pair."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be the nn.Module to train, got {type(model).__name__} (pass the model, not "
+                            "model.parameters())")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(map(torch.is_tensor, batch))):
+            raise TypeError(f"batch must be a pair of tensors (inputs, targets), got {type(batch).__name__}; unpack "
+                            "a dict batch into (inputs, targets)")
+        if (id(model), id(optimizer)) in self._checked:
+            return
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not trainable & held:
+            raise ValueError("the optimizer holds none of the model's trainable parameters: build it over "
+                             "model.parameters() of the model passed to step")
+        self._checked.add((id(model), id(optimizer)))
 
     def step(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, meta_batch: Batch | None = None,
@@ -106,20 +167,43 @@ class AdaptiveLoss:
     ) -> StepStats:
         """One step of `model` by `optimizer` on `batch` with the learned loss, then, when the loss is due for an
         update, one update of it from `meta_batch` (default: `batch`). `adapt=None` follows `update_every`;
-        True updates the loss now (an offline meta step), False keeps it frozen (ML3's phase 2); neither counts."""
+        True updates the loss now (an offline meta step), False keeps it frozen (ML3's phase 2); neither counts.
+        Parameters that do not require gradients are left as they are; the model's train/eval mode is restored."""
+        self.check_step(model, optimizer, batch)
         if adapt is None:
             adapt = self.update_due
             self.scheduled_steps += 1
-        meta = (self.loss, self.meta_optimizer, meta_batch if meta_batch is not None else batch) if adapt else None
-        return online_step(model, self.loss, optimizer, batch, self.task_loss, meta=meta,
-                           max_grad_ratio=self.max_grad_ratio, meta_clip=self.meta_clip, amp=self.amp,
-                           match_scale=self.match_scale)
+        batch = self.prepared(batch)
+        meta = (self.loss, self.meta_optimizer, batch if meta_batch is None else self.prepared(meta_batch)) \
+            if adapt else None
+        was_training = model.training
+        try:
+            return online_step(model, self, optimizer, batch, self.task_loss, meta=meta,
+                               max_grad_ratio=self.max_grad_ratio, meta_clip=self.meta_clip, amp=self.amp,
+                               match_scale=self.match_scale)
+        finally:
+            model.train(was_training)
 
-    def state_dict(self) -> dict[str, Any]:
+    def prepared(self, batch: Batch) -> Batch:
+        """(inputs, targets) with the targets checked against the expected shape (the outputs' first dimension is
+        the inputs')."""
+        inputs, targets = batch
+        shape = (len(inputs), self.num_outputs) if self.task == "classification" else (len(inputs),)
+        return inputs, self.checked_targets(inputs.new_empty(shape, device="meta"), targets)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return {"loss": self.loss.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),
-                "scheduled_steps": self.scheduled_steps}
+                "scheduled_steps": self.scheduled_steps, "settings": dict(self.settings)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load a `state_dict` (its meta optimizer state copied, not shared); a state written with other settings
+        is refused with one error naming them (a state without settings, from before they were saved, loads)."""
+        saved = state.get("settings", self.settings)
+        differ = {k: (saved.get(k), self.settings[k]) for k in SETTINGS if saved.get(k) != self.settings[k]}
+        if differ:
+            listed = ", ".join(f"{k}={a!r} (this loss: {b!r})" for k, (a, b) in differ.items())
+            raise ValueError(f"this state was saved by an AdaptiveLoss with {listed}; build the loss with the saved "
+                             "settings to load it")
         self.loss.load_state_dict(state["loss"])
-        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.meta_optimizer.load_state_dict(copy.deepcopy(state["meta_optimizer"]))
         self.scheduled_steps = state["scheduled_steps"]

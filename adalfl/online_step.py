@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -44,7 +45,7 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.func import functional_call
 
-from adalfl.update_jacobian import check_supported, update_jacobian_diagonal
+from adalfl.update_jacobian import elementwise_update, update_jacobian_diagonal
 from engine.distributed import all_reduce_mean_, differentiable_sum
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -58,6 +59,7 @@ class StepStats:
     train_loss: torch.Tensor  # the loss the model was stepped with (learned or handcrafted)
     task_loss: torch.Tensor  # the task's own loss (cross-entropy or squared error) on the same batch
     finite: torch.Tensor  # False when the training loss or the meta-gradient was not finite
+    bound_scale: torch.Tensor | None = None  # s of the bound (1 where it did not cut the step; None: no bound)
     meta_loss: torch.Tensor | None = None  # task loss on the meta batch after the step
     meta_grad_norm: torch.Tensor | None = None
 
@@ -106,7 +108,9 @@ def model_jvp(
     torch.autograd.forward_ad under no_grad keeps about twice a plain forward pass in memory;
     torch.func.jvp kept about seven times as much on an All-CNN-C (bench/bench_online_step.py).
     """
-    with torch.no_grad(), forward_ad.dual_level(), replayed_rng(rng):
+    with torch.no_grad(), forward_ad.dual_level(), replayed_rng(rng), warnings.catch_warnings():
+        # forward-mode AD scripts a helper through torch.jit.script, whose deprecation warning means nothing here
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
         duals = {name: forward_ad.make_dual(p, tangents[name]) for name, p in params.items()}
         outputs = functional_call(model, {**duals, **dict(model.named_buffers())}, (inputs,))
         return forward_ad.unpack_dual(outputs).tangent
@@ -137,11 +141,10 @@ def online_step(
     device = inputs.device
     autocast = functools.partial(torch.autocast, device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
     model.train()
-    params = dict(model.named_parameters())
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # frozen ones stay as they are
     old_params = {name: p.detach().clone() for name, p in params.items()} if meta else None
     rng_before = capture_rng(device) if meta else None
-    if meta is not None:
-        check_supported(optimizer)
+    update = elementwise_update(optimizer) if meta is not None else None  # ConfigError for an uncovered optimizer
     if match_scale and max_grad_ratio is None:
         raise ValueError("match_scale sets the step's scale to max_grad_ratio times the task loss's: "
                          "give max_grad_ratio")
@@ -151,6 +154,7 @@ def online_step(
     outputs_leaf = to_float32(outputs.detach(), amp).requires_grad_()
     loss = loss_fn(outputs_leaf, targets)
     (dloss_doutputs,) = torch.autograd.grad(loss, outputs_leaf, create_graph=meta is not None)
+    bound_scale = None
     if task_loss is loss_fn:
         batch_task_loss = loss.detach()
     elif max_grad_ratio is None:
@@ -161,22 +165,24 @@ def online_step(
         (dtask_doutputs,) = torch.autograd.grad(batch_task_loss, outputs_leaf)
         squares = differentiable_sum(torch.stack([dtask_doutputs.pow(2).sum(), dloss_doutputs.pow(2).sum()]))
         bound = max_grad_ratio * squares[0].sqrt() / squares[1].sqrt().clamp_min(1e-30)
-        dloss_doutputs = dloss_doutputs * (bound if match_scale else bound.clamp(max=1.0))
-        batch_task_loss = batch_task_loss.detach()
+        bound_scale = bound if match_scale else bound.clamp(max=1.0)
+        dloss_doutputs = dloss_doutputs * bound_scale
+        batch_task_loss, bound_scale = batch_task_loss.detach(), bound_scale.detach()
 
     optimizer.zero_grad(set_to_none=True)
     outputs.backward(dloss_doutputs.detach().to(outputs.dtype))
     all_reduce_mean_([p.grad for p in params.values() if p.grad is not None])
     grads = {}
-    if meta is not None and not isinstance(optimizer, torch.optim.SGD):
+    if update is not None and update.uses_gradient:
         grads = {p: p.grad.detach().clone() for p in params.values() if p.grad is not None}
     optimizer.step()
-    stats = StepStats(train_loss=loss.detach(), task_loss=batch_task_loss, finite=torch.isfinite(loss.detach()))
+    stats = StepStats(train_loss=loss.detach(), task_loss=batch_task_loss, finite=torch.isfinite(loss.detach()),
+                      bound_scale=bound_scale)
     if meta is None:
         return stats
 
-    if isinstance(optimizer, torch.optim.SGD):
-        grads = {p: p for p in params.values() if p.grad is not None}  # SGD's D needs no gradient values
+    if not update.uses_gradient:
+        grads = {p: p for p in params.values() if p.grad is not None}  # e.g. SGD's D needs no gradient values
     diagonal = update_jacobian_diagonal(optimizer, grads, {p: old_params[n] for n, p in params.items()})
     loss_net, meta_optimizer, (meta_inputs, meta_targets) = meta
     with batch_statistics_only(model):

@@ -101,11 +101,6 @@ def elementwise_update(optimizer: torch.optim.Optimizer) -> ElementwiseUpdate:
     return update
 
 
-def check_supported(optimizer: torch.optim.Optimizer) -> None:
-    """Raise ConfigError unless the one-step meta-gradient covers `optimizer` with its current settings."""
-    elementwise_update(optimizer)
-
-
 def update_jacobian_diagonal(
     optimizer: torch.optim.Optimizer, grads: dict[torch.Tensor, torch.Tensor], old: dict[torch.Tensor, torch.Tensor]
 ) -> Diagonal:
