@@ -39,13 +39,14 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.autograd import forward_ad
 from torch.func import functional_call
 
-from adalfl.update_jacobian import elementwise_update, update_jacobian_diagonal
+from adalfl.update_jacobian import Diagonal, elementwise_update, update_jacobian_diagonal
 from engine.distributed import all_reduce_mean_, differentiable_sum
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -121,6 +122,56 @@ def to_float32(outputs: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
     return outputs.float() if amp is not None else outputs
 
 
+def output_gradient(
+    loss_fn: LossFn, task_loss: LossFn, outputs: torch.Tensor, targets: torch.Tensor, create_graph: bool,
+    max_grad_ratio: float | None, match_scale: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(loss, its gradient in `outputs` scaled by the bound, the task loss, the bound's s or None) at the leaf
+    `outputs`; the gradient keeps its graph to the loss parameters when `create_graph`."""
+    loss = loss_fn(outputs, targets)
+    (gradient,) = torch.autograd.grad(loss, outputs, create_graph=create_graph)
+    if task_loss is loss_fn:
+        return loss, gradient, loss.detach(), None
+    if max_grad_ratio is None:
+        with torch.no_grad():
+            return loss, gradient, task_loss(outputs, targets), None
+    value = task_loss(outputs, targets)
+    (task_gradient,) = torch.autograd.grad(value, outputs)
+    squares = differentiable_sum(torch.stack([task_gradient.pow(2).sum(), gradient.pow(2).sum()]))
+    bound = max_grad_ratio * squares[0].sqrt() / squares[1].sqrt().clamp_min(1e-30)
+    scale = bound if match_scale else bound.clamp(max=1.0)
+    return loss, gradient * scale, value.detach(), scale.detach()
+
+
+def meta_update(
+    model: nn.Module, params: dict[str, torch.Tensor], old_params: dict[str, torch.Tensor], diagonal: Diagonal,
+    meta: tuple[nn.Module, torch.optim.Optimizer, Batch], task_loss: LossFn, inputs: torch.Tensor,
+    rng: dict[str, torch.Tensor], output_grad: torch.Tensor, autocast: Callable[[], Any], amp: torch.dtype | None,
+    meta_clip: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update of the loss network by the one-step meta-gradient (module docstring), after the model's step;
+    returns the meta loss and the meta-gradient's norm (device tensors)."""
+    loss_net, meta_optimizer, (meta_inputs, meta_targets) = meta
+    with batch_statistics_only(model):
+        with autocast():
+            meta_outputs = model(meta_inputs)
+        meta_loss = task_loss(to_float32(meta_outputs, amp), meta_targets)
+        direction = torch.autograd.grad(meta_loss, list(params.values()), allow_unused=True, materialize_grads=True)
+        all_reduce_mean_(direction)
+        tangents = {name: diagonal[p] * v if p in diagonal else torch.zeros_like(v)
+                    for (name, p), v in zip(params.items(), direction, strict=True)}
+        output_tangent = model_jvp(model, old_params, tangents, inputs, rng)
+
+    meta_objective = -(output_tangent * output_grad).sum()
+    meta_optimizer.zero_grad(set_to_none=True)
+    meta_objective.backward()
+    meta_params = [p for p in loss_net.parameters() if p.grad is not None]
+    all_reduce_mean_([p.grad for p in meta_params])
+    grad_norm = torch.nn.utils.clip_grad_norm_(meta_params, meta_clip if meta_clip is not None else math.inf)
+    meta_optimizer.step()
+    return meta_loss.detach(), grad_norm.detach()
+
+
 def online_step(
     model: nn.Module,
     loss_fn: LossFn,
@@ -152,25 +203,10 @@ def online_step(
     with autocast():
         outputs = model(inputs)
     outputs_leaf = to_float32(outputs.detach(), amp).requires_grad_()
-    loss = loss_fn(outputs_leaf, targets)
-    (dloss_doutputs,) = torch.autograd.grad(loss, outputs_leaf, create_graph=meta is not None)
-    bound_scale = None
-    if task_loss is loss_fn:
-        batch_task_loss = loss.detach()
-    elif max_grad_ratio is None:
-        with torch.no_grad():
-            batch_task_loss = task_loss(outputs_leaf, targets)
-    else:
-        batch_task_loss = task_loss(outputs_leaf, targets)
-        (dtask_doutputs,) = torch.autograd.grad(batch_task_loss, outputs_leaf)
-        squares = differentiable_sum(torch.stack([dtask_doutputs.pow(2).sum(), dloss_doutputs.pow(2).sum()]))
-        bound = max_grad_ratio * squares[0].sqrt() / squares[1].sqrt().clamp_min(1e-30)
-        bound_scale = bound if match_scale else bound.clamp(max=1.0)
-        dloss_doutputs = dloss_doutputs * bound_scale
-        batch_task_loss, bound_scale = batch_task_loss.detach(), bound_scale.detach()
-
+    loss, output_grad, batch_task_loss, bound_scale = output_gradient(
+        loss_fn, task_loss, outputs_leaf, targets, meta is not None, max_grad_ratio, match_scale)
     optimizer.zero_grad(set_to_none=True)
-    outputs.backward(dloss_doutputs.detach().to(outputs.dtype))
+    outputs.backward(output_grad.detach().to(outputs.dtype))
     all_reduce_mean_([p.grad for p in params.values() if p.grad is not None])
     grads = {}
     if update is not None and update.uses_gradient:
@@ -184,24 +220,7 @@ def online_step(
     if not update.uses_gradient:
         grads = {p: p for p in params.values() if p.grad is not None}  # e.g. SGD's D needs no gradient values
     diagonal = update_jacobian_diagonal(optimizer, grads, {p: old_params[n] for n, p in params.items()})
-    loss_net, meta_optimizer, (meta_inputs, meta_targets) = meta
-    with batch_statistics_only(model):
-        with autocast():
-            meta_outputs = model(meta_inputs)
-        meta_loss = task_loss(to_float32(meta_outputs, amp), meta_targets)
-        direction = torch.autograd.grad(meta_loss, list(params.values()), allow_unused=True, materialize_grads=True)
-        all_reduce_mean_(direction)
-        tangents = {name: diagonal[p] * v if p in diagonal else torch.zeros_like(v)
-                    for (name, p), v in zip(params.items(), direction, strict=True)}
-        output_tangent = model_jvp(model, old_params, tangents, inputs, rng_before)
-
-    meta_objective = -(output_tangent * dloss_doutputs).sum()
-    meta_optimizer.zero_grad(set_to_none=True)
-    meta_objective.backward()
-    meta_params = [p for p in loss_net.parameters() if p.grad is not None]
-    all_reduce_mean_([p.grad for p in meta_params])
-    grad_norm = torch.nn.utils.clip_grad_norm_(meta_params, meta_clip if meta_clip is not None else math.inf)
-    meta_optimizer.step()
-    stats.meta_loss, stats.meta_grad_norm = meta_loss.detach(), grad_norm.detach()
+    stats.meta_loss, stats.meta_grad_norm = meta_update(model, params, old_params, diagonal, meta, task_loss, inputs,
+                                                        rng_before, output_grad, autocast, amp, meta_clip)
     stats.finite = stats.finite & torch.isfinite(stats.meta_grad_norm)
     return stats

@@ -14,9 +14,10 @@ tasks are split the same way and their accuracies gathered in task order, so the
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,14 +144,13 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
     params, optimizer, scheduler = _optimizer(config, learner)
     state = {"iteration": 0, "best_val": -1.0, "best_iteration": 0, "wall_time": 0.0}
     if resume and run.checkpoint.is_file():
-        def load(checkpoint: dict[str, Any]) -> None:
-            learner.load_state_dict(checkpoint["learner"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            state.update(checkpoint["state"])
-            set_rng_state(checkpoint["rng"][ranks.rank])
+        restore(run.checkpoint, functools.partial(_load, learner, optimizer, scheduler, state, ranks.rank))
+    guard = NonFiniteGuard(unit="meta-iteration")
 
-        restore(run.checkpoint, load)
+    def check_finite() -> None:
+        """Read the device-side record of non-finite iterations (at logging, evaluation and checkpoints only)."""
+        guard.check("the meta-loss or its gradient", "lower outer.lr or inner.lr (or set outer.grad_clip); the "
+                    f"last good checkpoint is kept in {run.path}")
 
     def save() -> None:
         check_finite()
@@ -159,65 +159,29 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
         if ranks.is_main:
             save_checkpoint(run.checkpoint, saved)
 
-    def accuracies(split: str, count: int) -> list[float]:
-        """Query accuracies on the same `count` tasks of `split` at every call (meta-validation, meta-test), in
-        task order; under torchrun each rank adapts every world-size-th task."""
-        episodes = fixed_episodes(config, samplers[split], split, count, first=ranks.rank, stride=ranks.size)
-        shares = gather_objects(evaluate(learner, episodes, config.eval_steps, device))
-        return [shares[index % ranks.size][index // ranks.size] for index in range(count)]
-
+    accuracies = functools.partial(_accuracies, config, samplers, learner, device)
     writer = EventWriter(run.events, purge_step=state["iteration"] + 1)
     total = config.outer.iterations
     bar = tqdm(total=total, initial=state["iteration"], disable=not (config.log.progress and ranks.is_main),
                desc=config.method, dynamic_ncols=True)
-    started = time.time() - state["wall_time"]
-    sample_time = step_time = 0.0
-    postfix: dict[str, str] = {}
-    guard = NonFiniteGuard(unit="meta-iteration")
+    started, times, postfix = time.time() - state["wall_time"], {"sample": 0.0, "step": 0.0}, {}
     boundary = StepBoundary(stop, save, config.log.checkpoint_every, total)
-
-    def check_finite() -> None:
-        """Read the device-side record of non-finite iterations (at logging, evaluation and checkpoints only)."""
-        guard.check("the meta-loss or its gradient", "lower outer.lr or inner.lr (or set outer.grad_clip); the "
-                    f"last good checkpoint is kept in {run.path}")
-
     if config.pretrain.steps and state["iteration"] == 0:
         blocks = pretrain_backbone(config, samplers["train"].data, in_shape, device, run, stop)
         backbone_of(learner).load_state_dict(blocks, strict=False)
     try:
         while state["iteration"] < total:
             iteration = state["iteration"] + 1
-            tick = time.time()
-            with python_random(config.seed * 1_000_003 + iteration):
-                episodes = [samplers["train"].sample() for _ in range(config.outer.meta_batch)]
-            sample_time += time.time() - tick
-            optimizer.zero_grad(set_to_none=True)
-            mean_loss, mean_acc = meta_gradient(learner, params, episodes, config.inner.steps, device,
-                                                vectorized=config.outer.vectorize_tasks)
-            norm = torch.nn.utils.clip_grad_norm_(params, config.outer.grad_clip or float("inf"))
-            guard.record(torch.isfinite(mean_loss) & torch.isfinite(norm), iteration)
-            optimizer.step()
-            scheduler.step()
-            step_time += time.time() - tick
+            episodes, mean_loss, mean_acc, norm = _meta_iteration(config, learner, params, optimizer, scheduler,
+                                                                  samplers["train"], iteration, device, guard, times)
             state["iteration"] = iteration
             if iteration % config.log.every == 0 or iteration == total:
                 check_finite()
-                loss_value, acc_value, norm_value = torch.stack([mean_loss, mean_acc, norm]).tolist()
-                _log_train(writer, learner, iteration, loss_value, acc_value, norm_value,
-                           scheduler.get_last_lr()[0], sample_time / max(step_time, 1e-9))
-                _log_loss_terms(writer, learner, episodes[0].to(device), iteration)
-                postfix.update(loss=f"{loss_value:.3f}", acc=f"{acc_value:.3f}")
+                postfix.update(_log_iteration(writer, learner, episodes[0].to(device), iteration, mean_loss, mean_acc,
+                                              norm, scheduler.get_last_lr()[0], times))
             if iteration % config.eval.every == 0 or iteration == total:
                 check_finite()
-                val_acc, _ = mean_ci95(accuracies("validation", config.eval.val_tasks))
-                writer.add_scalar("meta_val/accuracy", val_acc, iteration)
-                _log_loss_shape(writer, learner, iteration)
-                if val_acc > state["best_val"]:
-                    state.update(best_val=val_acc, best_iteration=iteration)
-                    if ranks.is_main:
-                        save_checkpoint(run.best_checkpoint, {"learner": learner.state_dict(),
-                                                              "iteration": iteration})
-                postfix["val"] = f"{val_acc:.3f}"
+                postfix["val"] = _validate(config, run, learner, accuracies, writer, state, iteration)
             state["wall_time"] = time.time() - started
             boundary(iteration)
             bar.set_postfix(postfix, refresh=False)
@@ -225,6 +189,76 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
     finally:
         bar.close()
         writer.flush()
+    return _finish(config, run, learner, accuracies, writer, state)
+
+
+def _load(learner: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any], rank: int,
+          checkpoint: dict[str, Any]) -> None:
+    learner.load_state_dict(checkpoint["learner"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    state.update(checkpoint["state"])
+    set_rng_state(checkpoint["rng"][rank])
+
+
+def _accuracies(config: EpisodicConfig, samplers: dict[str, EpisodeSampler], learner: nn.Module,
+                device: torch.device, split: str, count: int) -> list[float]:
+    """Query accuracies on the same `count` tasks of `split` at every call (meta-validation, meta-test), in
+    task order; under torchrun each rank adapts every world-size-th task."""
+    ranks = world()
+    episodes = fixed_episodes(config, samplers[split], split, count, first=ranks.rank, stride=ranks.size)
+    shares = gather_objects(evaluate(learner, episodes, config.eval_steps, device))
+    return [shares[index % ranks.size][index // ranks.size] for index in range(count)]
+
+
+def _meta_iteration(config: EpisodicConfig, learner: nn.Module, params: list[torch.Tensor],
+                    optimizer: torch.optim.Optimizer, scheduler: Any, sampler: EpisodeSampler, iteration: int,
+                    device: torch.device, guard: NonFiniteGuard, times: dict[str, float]
+                    ) -> tuple[list[Episode], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample the iteration's meta-batch (replayable: Python's `random` seeded by seed and iteration), take one outer
+    step; returns the episodes and the mean query loss, accuracy and gradient norm as device tensors."""
+    tick = time.time()
+    with python_random(config.seed * 1_000_003 + iteration):
+        episodes = [sampler.sample() for _ in range(config.outer.meta_batch)]
+    times["sample"] += time.time() - tick
+    optimizer.zero_grad(set_to_none=True)
+    mean_loss, mean_acc = meta_gradient(learner, params, episodes, config.inner.steps, device,
+                                        vectorized=config.outer.vectorize_tasks)
+    norm = torch.nn.utils.clip_grad_norm_(params, config.outer.grad_clip or float("inf"))
+    guard.record(torch.isfinite(mean_loss) & torch.isfinite(norm), iteration)
+    optimizer.step()
+    scheduler.step()
+    times["step"] += time.time() - tick
+    return episodes, mean_loss, mean_acc, norm
+
+
+def _log_iteration(writer: EventWriter, learner: nn.Module, episode: Episode, iteration: int, mean_loss: torch.Tensor,
+                   mean_acc: torch.Tensor, norm: torch.Tensor, lr: float, times: dict[str, float]) -> dict[str, str]:
+    """Write the iteration's scalars and the learned loss's terms; returns the progress bar's loss and accuracy."""
+    loss_value, acc_value, norm_value = torch.stack([mean_loss, mean_acc, norm]).tolist()
+    _log_train(writer, learner, iteration, loss_value, acc_value, norm_value, lr,
+               times["sample"] / max(times["step"], 1e-9))
+    _log_loss_terms(writer, learner, episode, iteration)
+    return {"loss": f"{loss_value:.3f}", "acc": f"{acc_value:.3f}"}
+
+
+def _validate(config: EpisodicConfig, run: RunDir, learner: nn.Module, accuracies: Callable[[str, int], list[float]],
+              writer: EventWriter, state: dict[str, Any], iteration: int) -> str:
+    """Meta-validate; keep the model in best.pt when it is the best so far. Returns the accuracy for the bar."""
+    val_acc, _ = mean_ci95(accuracies("validation", config.eval.val_tasks))
+    writer.add_scalar("meta_val/accuracy", val_acc, iteration)
+    _log_loss_shape(writer, learner, iteration)
+    if val_acc > state["best_val"]:
+        state.update(best_val=val_acc, best_iteration=iteration)
+        if world().is_main:
+            save_checkpoint(run.best_checkpoint, {"learner": learner.state_dict(), "iteration": iteration})
+    return f"{val_acc:.3f}"
+
+
+def _finish(config: EpisodicConfig, run: RunDir, learner: nn.Module, accuracies: Callable[[str, int], list[float]],
+            writer: EventWriter, state: dict[str, Any]) -> dict[str, Any]:
+    """Meta-test the best model; write results.json and the hparams (main process); returns the results."""
+    ranks = world()
     barrier()  # rank 0 has written best.pt
     learner.load_state_dict(load_checkpoint(run.best_checkpoint)["learner"])
     test_acc, test_ci = mean_ci95(accuracies("test", config.eval.test_tasks))
