@@ -181,20 +181,27 @@ def run_cell(cell: Cell, out: Path, overrides: list[str], data_root: str | None,
     return code
 
 
-def run_cells(cells: list[Cell], args: argparse.Namespace) -> list[tuple[Cell, int]]:
-    """Run `cells`, `args.jobs` at a time; (cell, exit code) for each."""
+class GridInterrupted(Exception):
+    """A cell was stopped on request (exit code 130): the grid stops, to be continued by the same command."""
+
+
+def run_cells(cells: list[Cell], args: argparse.Namespace) -> list[str]:
+    """Run `cells`, `args.jobs` at a time; the run folder names of those that failed. GridInterrupted when a cell
+    was stopped (after the cells already running have ended)."""
     def one(cell: Cell) -> int:
-        return run_cell(cell, args.out, args.overrides, args.data_root, args.jobs, args.stop)
+        code = run_cell(cell, args.out, args.overrides, args.data_root, args.jobs, args.stop)
+        if code == 130 and args.jobs == 1:
+            raise GridInterrupted
+        return code
 
     if args.jobs == 1:
-        codes = []
-        for cell in cells:
-            codes.append(one(cell))
-            if codes[-1] == 130:
-                break
-        return list(zip(cells, codes))
-    with ThreadPoolExecutor(args.jobs) as pool:
-        return list(zip(cells, pool.map(one, cells)))
+        codes = [one(cell) for cell in cells]
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            codes = list(pool.map(one, cells))
+        if 130 in codes:
+            raise GridInterrupted
+    return [cell.run_dir(args.out).path.name for cell, code in zip(cells, codes, strict=True) if code != 0]
 
 
 def final_validation(cells: list[Cell], out: Path) -> float:
@@ -490,8 +497,8 @@ def check_cells(cells: list[Cell], overrides: list[str]) -> None:
         raise ConfigError("the grid has bad cells; nothing was run:\n  " + "\n  ".join(dict.fromkeys(problems)))
 
 
-def run_grid(args: argparse.Namespace) -> tuple[int, list[str]]:
-    """Run the sweep (if any), the grid's cells, then its equal-compute cells; (exit code, failed cells)."""
+def run_grid(args: argparse.Namespace) -> list[str]:
+    """Run the sweep (if any), the grid's cells, then its equal-compute cells; the cells that failed."""
     args.out.mkdir(parents=True, exist_ok=True)
     cells = grid_cells(args.config, args.methods, args.seeds)
     baseline = method_cells(args.methods[0], args.config, args.seeds)
@@ -501,10 +508,7 @@ def run_grid(args: argparse.Namespace) -> tuple[int, list[str]]:
     failed: list[str] = []
     if args.sweep is not None:
         key, values = args.sweep
-        done = run_cells([c for group in swept.values() for c in group], args)
-        if any(code == 130 for _, code in done):
-            return 130, failed
-        failed += [cell.run_dir(args.out).path.name for cell, code in done if code != 0]
+        failed += run_cells([c for group in swept.values() for c in group], args)
         chosen = choose_swept_value(swept, key, args.out)
         print(f"[grid] {key} = {chosen} chosen for {baseline[0].label} on validation", flush=True)
         cells = [replace(c, sets=(f"{key}={chosen}", *c.sets)) for c in cells[len(baseline):]]
@@ -515,11 +519,8 @@ def run_grid(args: argparse.Namespace) -> tuple[int, list[str]]:
     for stage in (plain, [c for c in cells if c.compute_of is not None]):
         if stage and stage[0].compute_of is not None:
             stage = equal_compute_cells(stage, [*baseline, *plain], baseline, args.out)
-        done = run_cells(stage, args)
-        if any(code == 130 for _, code in done):
-            return 130, failed
-        failed += [cell.run_dir(args.out).path.name for cell, code in done if code != 0]
-    return 0, failed
+        failed += run_cells(stage, args)
+    return failed
 
 
 def main(argv: list[str] | None = None, stop: Stop | None = None) -> int:
@@ -529,14 +530,14 @@ def main(argv: list[str] | None = None, stop: Stop | None = None) -> int:
     failed: list[str] = []
     if not args.summary_only:
         try:
-            code, failed = run_grid(args)
+            failed = run_grid(args)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        if code == 130:
+        except GridInterrupted:
             print("[grid] interrupted; run the same command again to continue the grid", file=sys.stderr)
             return 130
     try:
