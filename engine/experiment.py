@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import apply_override, build_config, load_yaml, to_dict
-from engine.device import set_threads
-from engine.distributed import barrier, broadcast_object, join, leave, world
+from engine.device import resolve_device, set_threads
+from engine.distributed import barrier, broadcast_object, device_for, join, leave, world
 from engine.errors import ConfigError, UserError
 from engine.interrupt import RunInterrupted, StopRequest
 from engine.run_dir import default_run_name, discard_unstarted, existing_run_dir, new_run_dir
@@ -101,8 +101,9 @@ def run_experiment(
             lock.acquire(take_over)
         root = resolve_data_root(data_root, config.data.root)
         if world().is_main:
-            print(f"run folder: {run.path} ({'resumed' if resume is not None else 'new'}; data from {root}; "
-                  f"{size} process(es), threads: {config.threads or 'torch default'})", flush=True)
+            print(f"run folder: {run.path} ({'resumed' if resume is not None else 'new'}; data from {root}; device "
+                  f"{resolve_device(device_for(config.device))}, {size} process(es), threads: "
+                  f"{config.threads or 'torch default'})", flush=True)
         try:
             if stop is not None:
                 return _train(config, train, run, root, resume is not None, lock, stop)

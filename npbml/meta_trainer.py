@@ -43,6 +43,7 @@ from engine.hparams import log_hparams
 from engine.nonfinite_guard import NonFiniteGuard
 from engine.rng import rng_state, seed_everything, set_rng_state
 from engine.run_dir import RunDir, write_results
+from engine.run_estimate import StepTimer, estimate_message, timed
 from engine.run_loop import StepBoundary, Stop, restore
 from npbml.config import EpisodicConfig
 from npbml.learners import build_learner
@@ -166,6 +167,7 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
                desc=config.method, dynamic_ncols=True)
     started, times, postfix = time.time() - state["wall_time"], {"sample": 0.0, "step": 0.0}, {}
     boundary = StepBoundary(stop, save, config.log.checkpoint_every, total)
+    timer = StepTimer(device, functools.partial(_report_estimate, config, samplers, learner, device, state))
     if config.pretrain.steps and state["iteration"] == 0:
         blocks = pretrain_backbone(config, samplers["train"].data, in_shape, device, run, stop)
         backbone_of(learner).load_state_dict(blocks, strict=False)
@@ -183,6 +185,7 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
                 check_finite()
                 postfix["val"] = _validate(config, run, learner, accuracies, writer, state, iteration)
             state["wall_time"] = time.time() - started
+            timer.step_done()
             boundary(iteration)
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
@@ -190,6 +193,22 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
         bar.close()
         writer.flush()
     return _finish(config, run, learner, accuracies, writer, state)
+
+
+def _report_estimate(config: EpisodicConfig, samplers: dict[str, EpisodeSampler], learner: nn.Module,
+                     device: torch.device, state: dict[str, Any], seconds_per_iteration: float) -> None:
+    """Print, once, the projected wall time of the rest of the run: the meta-iterations left at the measured cost,
+    and the meta-validations and meta-test at the cost of one timed validation task."""
+    episode = next(fixed_episodes(config, samplers["validation"], "validation", 1))
+    per_task = timed(device, lambda: evaluate(learner, [episode], config.eval_steps, device)) / world().size
+    total, every = config.outer.iterations, config.eval.every
+    validations = total // every - state["iteration"] // every + (total % every != 0)
+    parts = [(f"{total - state['iteration']} meta-iterations", seconds_per_iteration * (total - state["iteration"])),
+             (f"{validations} meta-validations of {config.eval.val_tasks} tasks",
+              per_task * validations * config.eval.val_tasks),
+             (f"meta-test on {config.eval.test_tasks} tasks", per_task * config.eval.test_tasks)]
+    if world().is_main:
+        tqdm.write(estimate_message(device, parts, "lower outer.iterations, eval.val_tasks or model.filters"))
 
 
 def _load(learner: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any], rank: int,
