@@ -168,7 +168,7 @@ class AdaptiveLoss(nn.Module):
         """One step of `model` by `optimizer` on `batch` with the learned loss, then, when the loss is due for an
         update, one update of it from `meta_batch` (default: `batch`). `adapt=None` follows `update_every`;
         True updates the loss now (an offline meta step), False keeps it frozen (ML3's phase 2); neither counts.
-        Parameters that do not require gradients are left as they are; the model's train/eval mode is restored."""
+        Parameters that do not require gradients are left as they are; every module's train/eval mode is restored."""
         self.check_step(model, optimizer, batch)
         if adapt is None:
             adapt = self.update_due
@@ -176,13 +176,14 @@ class AdaptiveLoss(nn.Module):
         batch = self.prepared(batch)
         meta = (self.loss, self.meta_optimizer, batch if meta_batch is None else self.prepared(meta_batch)) \
             if adapt else None
-        was_training = model.training
+        modes = [(module, module.training) for module in model.modules()]  # e.g. a frozen batch norm in eval mode
         try:
             return online_step(model, self, optimizer, batch, self.task_loss, meta=meta,
                                max_grad_ratio=self.max_grad_ratio, meta_clip=self.meta_clip, amp=self.amp,
                                match_scale=self.match_scale)
         finally:
-            model.train(was_training)
+            for module, training in modes:
+                module.training = training
 
     def prepared(self, batch: Batch) -> Batch:
         """(inputs, targets) with the targets checked against the expected shape (the outputs' first dimension is

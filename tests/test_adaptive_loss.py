@@ -140,10 +140,11 @@ def test_frozen_parameters_are_left_out_and_the_mode_is_restored() -> None:
     model[0].weight.requires_grad_(False)
     frozen = model[0].weight.detach().clone()
     model.eval()
+    model[1].train()  # a mixed model: one module in train mode
     stats = loss.step(model, optimizer, batches(1)[0])
     assert stats.meta_loss is not None and bool(stats.finite)
     assert torch.equal(model[0].weight, frozen) and not torch.equal(model[2].weight, setup(1)[0][2].weight)
-    assert not model.training
+    assert not model.training and model[1].training and not model[0].training
 
 
 def test_bound_scale_says_how_much_the_bound_cut_the_step() -> None:
