@@ -19,7 +19,12 @@ the baseline's others at the chosen value). Then <out> gets summary.csv and summ
 (mean and std of the final test metric per method over seeds, with their number, and the mean 95% CI where
 the runs report one) and PNG figures: learning_curves.png, readouts.png, init_readouts.png (phase 1),
 loss_evolution_<label>.png, accuracy.png. --jobs N runs N cells at once as separate processes (each with
-cores / N threads, its output in <out>/logs/).
+cores / N threads, its output in <out>/logs/). --launcher slurm runs each cell as a SLURM job instead (submitit;
+engine/slurm_launcher.py): the sweep's cells first, the others after its choice, a preempted or timed-out cell
+requeued and resumed; a cell whose config sets processes: N runs under torchrun with N processes.
+
+    python compare.py --config configs/adalfl_mnist.yaml --methods ce adalfl --seeds 0 1 2 --out runs/grid_mnist \\
+        --launcher slurm --slurm-partition gpu --slurm-time 240 --gpus-per-cell 1 --cpus-per-cell 8 --dry-run
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,10 +55,14 @@ from engine.experiment import resolve_config
 from engine.run_dir import RunDir, write_text_atomic
 from engine.run_loop import Stop
 from engine.selection import MIN_EVALUATIONS_TO_SELECT as MIN_EVALUATIONS
+from engine.slurm_launcher import RunCommand, SlurmLauncher, SlurmOptions, describe
 
 FINAL_METRICS = ("test_error", "test_mse", "test_accuracy")  # the first one a results.json holds is reported
 METHOD_ORDER = tuple(METHOD_SPECS)
 SWEEP_FILE = "sweep.json"
+SLURM_FOLDER = "slurm"  # in <out>: the SLURM jobs' logs and submitit's files
+SLURM_FLAGS = {"slurm_partition": "--slurm-partition", "slurm_time": "--slurm-time", "gpus_per_cell": "--gpus-per-cell",
+               "cpus_per_cell": "--cpus-per-cell", "slurm_options": "--slurm-option", "dry_run": "--dry-run"}
 GRID_FILE = "grid.json"  # the grid's baseline label and the compute ratios its METHOD@compute=LABEL cells ran at
 COMPUTE_SPEC = re.compile(r"^(?P<method>\w+)@compute=(?P<reference>[^,=]+)(?P<rest>,.*)?$")
 
@@ -92,7 +102,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--summary-only", action="store_true", help="run nothing; summarise the cells in --out")
     parser.add_argument("--labels", nargs="+", help="with --summary-only: summarise only these labels, in this "
                         "order, into <out>/selection/ (the grid's own summary is left as it is)")
+    slurm = parser.add_argument_group("on a SLURM cluster (--launcher slurm)")
+    slurm.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                       help="local: cells run on this machine (--jobs); slurm: each cell is one SLURM job (submitit)")
+    slurm.add_argument("--slurm-partition", help="the partition the cells' jobs go to (default: the cluster's)")
+    slurm.add_argument("--slurm-time", type=int, metavar="MINUTES",
+                       help="each job's time limit (default 60); a cell that needs longer is requeued and resumed")
+    slurm.add_argument("--gpus-per-cell", type=int, metavar="N", help="GPUs of each job (default 0)")
+    slurm.add_argument("--cpus-per-cell", type=int, metavar="N", help="CPU cores of each job (default 1)")
+    slurm.add_argument("--slurm-option", dest="slurm_options", action="append", metavar="NAME[=VALUE]",
+                       help="another sbatch option for every job, e.g. account=lab, qos=high, constraint=a100 "
+                       "(repeatable)")
+    slurm.add_argument("--dry-run", action="store_true", help="print the jobs the grid would submit; submit nothing")
     args = parser.parse_args(argv)
+    check_launcher_args(parser, args)
     if not args.summary_only and (args.config is None or not args.methods):
         parser.error("give --config and --methods to run a grid, or --summary-only to summarise one")
     if args.jobs < 1:
@@ -107,6 +130,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.sweep_seeds is not None and (args.sweep is None or not set(args.sweep_seeds) <= set(args.seeds)):
         parser.error("--sweep-seeds needs --sweep, and its seeds must be among --seeds")
     return args
+
+
+def check_launcher_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The SLURM options go with --launcher slurm only, and make `args.slurm` (SlurmOptions) of them."""
+    given = [flag for name, flag in SLURM_FLAGS.items() if getattr(args, name) not in (None, False)]
+    if args.launcher == "local":
+        if given:
+            parser.error(f"{', '.join(given)} applies to SLURM jobs; add --launcher slurm (or leave it out)")
+        return
+    if args.summary_only:
+        parser.error("--summary-only runs no cell, so it takes no --launcher; leave --launcher slurm out")
+    if args.jobs != 1:
+        parser.error("--jobs sets the local processes; with --launcher slurm every cell is its own job and SLURM "
+                     "runs as many at once as the cluster allows: leave --jobs out")
+    for flag, value, least in (("--slurm-time", args.slurm_time, 1), ("--gpus-per-cell", args.gpus_per_cell, 0),
+                               ("--cpus-per-cell", args.cpus_per_cell, 1)):
+        if value is not None and value < least:
+            parser.error(f"{flag} {value} must be at least {least}")
+    extra = []
+    for option in args.slurm_options or []:
+        name, _, value = option.removeprefix("--").partition("=")
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+            parser.error(f"--slurm-option {option!r} must look like NAME=VALUE or NAME (an sbatch option without "
+                         "its dashes, e.g. account=lab)")
+        extra.append((name, value))
+    if not args.dry_run and shutil.which("sbatch") is None:
+        parser.error("--launcher slurm needs SLURM's sbatch on PATH (run on the cluster's login node; for a "
+                     "single-node test cluster on this machine: scripts/local_slurm.sh start)")
+    args.slurm = SlurmOptions(args.slurm_partition, args.slurm_time or 60, args.gpus_per_cell or 0,
+                              args.cpus_per_cell or 1, tuple(extra))
 
 
 def top_level_split(text: str) -> list[str]:
@@ -148,15 +201,36 @@ def sweep_cells(baseline: list[Cell], key: str, values: list[str]) -> dict[str, 
             for v in values}
 
 
-def cell_arguments(cell: Cell, out: Path, overrides: list[str], data_root: str | None) -> list[str]:
-    """train.py's arguments for `cell`: resume a started cell, else start it."""
-    run = cell.run_dir(out)
+def start_arguments(cell: Cell, out: Path, overrides: list[str], data_root: str | None) -> list[str]:
+    """train.py's arguments that start `cell`."""
     data = ["--data-root", data_root] if data_root else []
-    if run.checkpoint.is_file():  # a lock left by a killed cell is taken over; a running one's is not
-        return ["--resume", str(run.path), "--take-over", *data]
-    sets = [f"name={run.path.name}", f"seed={cell.seed}", *overrides, *cell.sets]  # the cell's own settings win
+    sets = [f"name={cell.run_dir(out).path.name}", f"seed={cell.seed}", *overrides, *cell.sets]  # the cell's win
     return ["--config", str(cell.config), "--runs-root", str(out), *data,
             *(arg for s in sets for arg in ("--set", s))]
+
+
+def resume_arguments(cell: Cell, out: Path, data_root: str | None) -> list[str]:
+    """train.py's arguments that resume `cell`: a lock left by a killed cell is taken over; a running one's is
+    not."""
+    data = ["--data-root", data_root] if data_root else []
+    return ["--resume", str(cell.run_dir(out).path), "--take-over", *data]
+
+
+def cell_arguments(cell: Cell, out: Path, overrides: list[str], data_root: str | None) -> list[str]:
+    """train.py's arguments for `cell`: resume a started cell, else start it."""
+    if cell.run_dir(out).checkpoint.is_file():
+        return resume_arguments(cell, out, data_root)
+    return start_arguments(cell, out, overrides, data_root)
+
+
+def skipped_or_announced(cell: Cell, out: Path) -> bool:
+    """True (and says so) when `cell` has finished; else says whether it starts or resumes."""
+    run = cell.run_dir(out)
+    if run.results.is_file():
+        print(f"[grid] {run.path.name}: finished, skipped")
+        return True
+    print(f"[grid] {run.path.name}: {'resuming' if run.checkpoint.is_file() else 'starting'}", flush=True)
+    return False
 
 
 def run_cell(cell: Cell, out: Path, overrides: list[str], data_root: str | None, jobs: int = 1,
@@ -165,10 +239,8 @@ def run_cell(cell: Cell, out: Path, overrides: list[str], data_root: str | None,
     jobs > 1 the cell runs in its own process with cores / jobs threads, its output in <out>/logs/; with one job
     it runs in this process, stopped by `stop` (as train.main's)."""
     run = cell.run_dir(out)
-    if run.results.is_file():
-        print(f"[grid] {run.path.name}: finished, skipped")
+    if skipped_or_announced(cell, out):
         return 0
-    print(f"[grid] {run.path.name}: {'resuming' if run.checkpoint.is_file() else 'starting'}", flush=True)
     arguments = cell_arguments(cell, out, overrides, data_root)
     if jobs == 1:
         return train.main(arguments, stop)
@@ -185,16 +257,49 @@ class GridInterrupted(Exception):
     """A cell was stopped on request (exit code 130): the grid stops, to be continued by the same command."""
 
 
+def cell_processes(cell: Cell, overrides: list[str]) -> int:
+    """The processes `cell`'s config asks for (`processes: N`, run under torchrun), 1 when it names none."""
+    return cell_config(cell, overrides).get("processes") or 1
+
+
+def cell_command(cell: Cell, args: argparse.Namespace) -> RunCommand:
+    """`cell` as a SLURM job's command, with absolute paths: train.py, or torchrun with the config's processes;
+    OMP_NUM_THREADS splits the job's cores over them."""
+    out, data_root = args.out.resolve(), args.data_root and str(Path(args.data_root).resolve())
+    cell = replace(cell, config=cell.config.resolve())
+    processes = cell_processes(cell, args.overrides)
+    script = str(Path(train.__file__).resolve())
+    launch = [sys.executable, script] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", script]
+    run = cell.run_dir(out)
+    return RunCommand(run.path.name, (*launch, *start_arguments(cell, out, args.overrides, data_root)),
+                      (*launch, *resume_arguments(cell, out, data_root)), run.checkpoint,
+                      {"OMP_NUM_THREADS": str(max(1, args.slurm.cpus // processes))})
+
+
+def slurm_cells(cells: list[Cell], args: argparse.Namespace) -> list[int]:
+    """Run `cells` as SLURM jobs, one per cell, and wait for them; their exit codes (finished cells are skipped, not
+    submitted: 0)."""
+    todo = [cell for cell in cells if not skipped_or_announced(cell, args.out)]
+    codes = SlurmLauncher(args.out / SLURM_FOLDER, args.slurm).run([cell_command(c, args) for c in todo]) if todo \
+        else []
+    by_cell = dict(zip(todo, codes, strict=True))
+    return [by_cell.get(cell, 0) for cell in cells]
+
+
 def run_cells(cells: list[Cell], args: argparse.Namespace) -> list[str]:
-    """Run `cells`, `args.jobs` at a time; the run folder names of those that failed. GridInterrupted when a cell
-    was stopped (after the cells already running have ended)."""
+    """Run `cells`, `args.jobs` at a time (or as SLURM jobs); the run folder names of those that failed.
+    GridInterrupted when a cell was stopped (after the cells already running have ended)."""
+
     def one(cell: Cell) -> int:
         code = run_cell(cell, args.out, args.overrides, args.data_root, args.jobs, args.stop)
         if code == 130 and args.jobs == 1:
             raise GridInterrupted
         return code
 
-    if args.jobs == 1:
+    if args.launcher == "slurm":
+        codes = slurm_cells(cells, args)
+    elif args.jobs == 1:
         codes = [one(cell) for cell in cells]
     else:
         with ThreadPoolExecutor(args.jobs) as pool:
@@ -477,9 +582,19 @@ def equal_compute_cells(cells: list[Cell], all_cells: list[Cell], baseline: list
                        by_seed[c.seed], out) for c in cells]
 
 
-def check_cells(cells: list[Cell], overrides: list[str]) -> None:
-    """Before any cell runs: every METHOD@compute=LABEL names a label of the grid, and every cell's full config
-    (base config, --set, the label's own and swept settings) is valid; one ConfigError lists every bad cell."""
+def cell_config(cell: Cell, overrides: list[str]) -> dict[str, Any]:
+    """`cell`'s full config before validation: its config file, its seed, --set, the label's own and swept
+    settings."""
+    data = load_yaml(cell.config)
+    for assignment in [f"seed={cell.seed}", *overrides, *cell.sets]:
+        apply_override(data, assignment)
+    return data
+
+
+def check_cells(cells: list[Cell], overrides: list[str], launcher: str = "local") -> None:
+    """Before any cell runs: every METHOD@compute=LABEL names a label of the grid, every cell's full config
+    (base config, --set, the label's own and swept settings) is valid, and a cell that asks for several processes
+    runs on a launcher that starts them; one ConfigError lists every bad cell."""
     labels = {c.label for c in cells}
     problems = []
     for cell in cells:
@@ -487,12 +602,13 @@ def check_cells(cells: list[Cell], overrides: list[str]) -> None:
             problems.append(f"{cell.label}: no label {cell.compute_of!r} in --methods to take the compute of; "
                             f"labels: {', '.join(sorted(labels))}")
         try:
-            data = load_yaml(cell.config)
-            for assignment in [f"seed={cell.seed}", *overrides, *cell.sets]:
-                apply_override(data, assignment)
-            resolve_config(data, train.FAMILIES)
+            config, _ = resolve_config(cell_config(cell, overrides), train.FAMILIES)
         except ConfigError as exc:
             problems.append(f"{cell.label}: {exc}")
+            continue
+        if launcher == "local" and (config.processes or 1) > 1:
+            problems.append(f"{cell.label}: processes = {config.processes} runs a cell under torchrun, which "
+                            "--launcher slurm does; use it, or set processes=null to run the cell here")
     if problems:
         raise ConfigError("the grid has bad cells; nothing was run:\n  " + "\n  ".join(dict.fromkeys(problems)))
 
@@ -504,7 +620,7 @@ def run_grid(args: argparse.Namespace) -> list[str]:
     baseline = method_cells(args.methods[0], args.config, args.seeds)
     tuning = [c for c in baseline if args.sweep_seeds is None or c.seed in args.sweep_seeds]
     swept = sweep_cells(tuning, *args.sweep) if args.sweep is not None else {}
-    check_cells([*cells, *(c for group in swept.values() for c in group)], args.overrides)
+    check_cells([*cells, *(c for group in swept.values() for c in group)], args.overrides, args.launcher)
     failed: list[str] = []
     if args.sweep is not None:
         key, values = args.sweep
@@ -523,11 +639,53 @@ def run_grid(args: argparse.Namespace) -> list[str]:
     return failed
 
 
+def planned_stages(args: argparse.Namespace) -> list[tuple[str, list[Cell]]]:
+    """The grid's cells in the order --launcher slurm submits them, for --dry-run: the sweep's, then the others at
+    the value it will choose (KEY=<chosen>), then the equal-compute cells (their steps set by the measured ratio)."""
+    cells = grid_cells(args.config, args.methods, args.seeds)
+    stages = []
+    if args.sweep is not None:
+        key, values = args.sweep
+        baseline = method_cells(args.methods[0], args.config, args.seeds)
+        tuning = [c for c in baseline if args.sweep_seeds is None or c.seed in args.sweep_seeds]
+        stages.append(("the sweep", [c for group in sweep_cells(tuning, key, values).values() for c in group]))
+        held_out = [c for c in sweep_cells(baseline, key, ["<chosen>"])["<chosen>"] if c.seed not in
+                    {t.seed for t in tuning}]
+        cells = held_out + [replace(c, sets=(f"{key}=<chosen>", *c.sets)) for c in cells[len(baseline):]]
+    stages.append(("after the sweep's choice" if args.sweep else "the grid", [c for c in cells if not c.compute_of]))
+    at_compute = [c for c in cells if c.compute_of]
+    if at_compute:
+        stages.append(("after their reference's cells, their steps scaled by its measured compute", at_compute))
+    return stages
+
+
+def dry_run(args: argparse.Namespace) -> None:
+    """Print the SLURM jobs of the grid, stage by stage, submitting nothing."""
+    stages = planned_stages(args)
+    swept = stages[0][1] if args.sweep is not None else []
+    check_cells([*grid_cells(args.config, args.methods, args.seeds), *swept], args.overrides, args.launcher)
+    print(f"[grid] dry run: nothing is submitted; logs would go to {args.out.resolve() / SLURM_FOLDER}")
+    for title, cells in stages:
+        finished = [c.run_dir(args.out).path.name for c in cells if c.run_dir(args.out).results.is_file()]
+        todo = [c for c in cells if not c.run_dir(args.out).results.is_file()]
+        print(f"[grid] {title}: {len(todo)} job(s)" + (f"; finished, not resubmitted: {', '.join(finished)}"
+                                                       if finished else ""))
+        if todo:
+            print("\n".join(describe([cell_command(c, args) for c in todo], args.slurm)))
+
+
 def main(argv: list[str] | None = None, stop: Stop | None = None) -> int:
     """compare.py's command line; `stop` is handed to the cells run in this process (train.main's)."""
     args = parse_args(argv)
     args.stop = stop
     failed: list[str] = []
+    if args.dry_run:
+        try:
+            dry_run(args)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if not args.summary_only:
         try:
             failed = run_grid(args)

@@ -88,6 +88,10 @@ def run_experiment(
     lock = None
     try:
         size = join(config.device).size
+        if config.processes is not None and config.processes != size:
+            raise UserError(f"the config asks for processes = {config.processes} and this run has {size}; start it "
+                            f"with torchrun --standalone --nproc_per_node {config.processes} train.py ..., or set "
+                            "processes=null to run it with as many as it is started with")
         if resume is not None and started_with != size:
             raise UserError(f"{run.path} was run by {started_with} process(es) and this is {size}; resume it with "
                             f"the same number: {resume_command(run.path, started_with)}")

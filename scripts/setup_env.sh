@@ -18,7 +18,7 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "torch==2.14.1" "torchvision==0.29.1"
 # requests: learn2learn imports it when it is imported
 "${pip[@]}" "tensorboard>=2.15" "pyyaml>=6" "pytest>=7" "tqdm" "numpy" "matplotlib" "pillow" "scipy" "requests" "gym==0.26.2" \
-  "cma>=3.3" "deap>=1.4" "ruff" "cython==0.29.37" "setuptools" "wheel"
+  "cma>=3.3" "deap>=1.4" "submitit>=1.5" "ruff" "cython==0.29.37" "setuptools" "wheel"
 
 if ! "$venv/bin/python" -c "import learn2learn" >/dev/null 2>&1; then
   # learn2learn 0.2.0 ships only an sdist whose generated C files predate Python 3.11:
