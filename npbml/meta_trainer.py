@@ -38,11 +38,13 @@ from engine.distributed import (
 )
 from engine.errors import ConfigError
 from engine.figures import support_shape_figure
-from engine.hparams import log_hparams
+from engine.hparams import HParamsSpec
 from engine.nonfinite_guard import NonFiniteGuard
 from engine.rng import rng_state, seed_everything, set_rng_state
 from engine.run_dir import RunDir, write_results
+from engine.run_estimate import BAR_FORMAT, RunEta, StepTimer, estimate_message, evaluations_left, timed
 from engine.run_loop import StepBoundary, Stop, restore
+from engine.tags import TEST, TRAIN, VAL
 from npbml.config import EpisodicConfig
 from npbml.learners import build_learner
 from npbml.pretrain import backbone_of, pretrain_backbone
@@ -118,6 +120,33 @@ def fixed_episodes(config: EpisodicConfig, sampler: EpisodeSampler, split: str, 
     return sampler.fixed(count, seed=config.seed * 10 + stream, first=first, stride=stride)
 
 
+def run_hparams(config: EpisodicConfig) -> dict[str, Any]:
+    """The settings a grid varies, by their config keys, for TensorBoard's HParams dashboard."""
+    return {"method": config.method, "seed": config.seed, "data.dataset": config.data.dataset,
+            "model.backbone": config.model.backbone, "data.ways": config.data.ways, "data.shots": config.data.shots,
+            "inner.lr": config.inner.lr, "inner.steps": config.inner.steps, "outer.lr": config.outer.lr,
+            "outer.meta_batch": config.outer.meta_batch, "outer.iterations": config.outer.iterations,
+            "pretrain.steps": config.pretrain.steps}
+
+
+HPARAMS = HParamsSpec(
+    names=("method", "seed", "data.dataset", "model.backbone", "data.ways", "data.shots", "inner.lr", "inner.steps",
+           "outer.lr", "outer.meta_batch", "outer.iterations", "pretrain.steps"),
+    metrics=(f"{VAL}/accuracy", f"{VAL}/best_accuracy", f"{TEST}/accuracy", f"{TEST}/ci95"),
+    values=run_hparams,
+)
+
+
+def describe_device(config: EpisodicConfig, device: torch.device, processes: int) -> str:
+    """The device line printed at the start: where the run runs and which options shape its cost."""
+    options = [text for text, on in (("tasks vectorized", config.outer.vectorize_tasks),
+                                     ("first-order", config.inner.first_order),
+                                     (f"{config.pretrain.steps} pre-training steps first", config.pretrain.steps > 0))
+               if on]
+    line = f"{config.method} on {device}" + (f" x {processes} processes" if processes > 1 else "")
+    return line + (f" ({', '.join(options)})" if options else "")
+
+
 def _optimizer(config: EpisodicConfig, learner: nn.Module):
     """Adam over the meta-parameters (the learned loss's networks at `outer.loss_lr` when set), cosine-annealed."""
     params = [p for p in learner.parameters() if p.requires_grad]
@@ -141,6 +170,8 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
     seed_everything(config.seed)
     learner = build_learner(config, in_shape).to(device)
     params, optimizer, scheduler = _optimizer(config, learner)
+    if ranks.is_main:
+        print(describe_device(config, device, ranks.size))
     state = {"iteration": 0, "best_val": -1.0, "best_iteration": 0, "wall_time": 0.0}
     if resume and run.checkpoint.is_file():
         def load(checkpoint: dict[str, Any]) -> None:
@@ -169,10 +200,36 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
     writer = EventWriter(run.events, purge_step=state["iteration"] + 1)
     total = config.outer.iterations
     bar = tqdm(total=total, initial=state["iteration"], disable=not (config.log.progress and ranks.is_main),
-               desc=config.method, dynamic_ncols=True)
+               desc=config.method, dynamic_ncols=True, bar_format=BAR_FORMAT)
+    eta = RunEta()
+    # the meta-test's cost in meta-validations, so that the remaining time counts it
+    meta_test = config.eval.test_tasks / config.eval.val_tasks
+
+    def remaining_time() -> str:
+        left = evaluations_left(total, config.eval.every, state["iteration"]) + meta_test
+        return eta.text(total - state["iteration"], left)
+
+    def episode_seconds() -> float:
+        """One meta-validation episode's adaptation and scoring, timed (the random states left as they were)."""
+        episode = list(fixed_episodes(config, samplers["validation"], "validation", 1))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return timed(device, lambda: evaluate(learner, episode, config.eval_steps, device))
+
+    def report(seconds_per_iteration: float) -> None:
+        """The projected wall time of the rest of the run, once, from the first timed meta-iterations."""
+        per_validation = episode_seconds() * math.ceil(config.eval.val_tasks / ranks.size)
+        eta.expect_evaluation(per_validation)
+        iterations = total - state["iteration"]
+        validations = evaluations_left(total, config.eval.every, state["iteration"])
+        parts = [(f"{iterations} meta-iterations", seconds_per_iteration * iterations),
+                 (f"{validations} meta-validations", validations * per_validation),
+                 (f"meta-test ({config.eval.test_tasks} tasks)", meta_test * per_validation)]
+        if ranks.is_main:
+            tqdm.write(estimate_message(device, parts, "lower outer.iterations, eval.val_tasks or eval.test_tasks"))
     started = time.time() - state["wall_time"]
     sample_time = step_time = 0.0
-    postfix: dict[str, str] = {}
+    postfix = {"eta": remaining_time()}
+    timer = StepTimer(device, report)
     guard = NonFiniteGuard(unit="meta-iteration")
     boundary = StepBoundary(stop, save, config.log.checkpoint_every, total)
 
@@ -184,6 +241,7 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
     if config.pretrain.steps and state["iteration"] == 0:
         blocks = pretrain_backbone(config, samplers["train"].data, in_shape, device, run, stop)
         backbone_of(learner).load_state_dict(blocks, strict=False)
+    eta.restart()
     try:
         while state["iteration"] < total:
             iteration = state["iteration"] + 1
@@ -209,8 +267,10 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
                 postfix.update(loss=f"{loss_value:.3f}", acc=f"{acc_value:.3f}")
             if iteration % config.eval.every == 0 or iteration == total:
                 check_finite()
-                val_acc, _ = mean_ci95(accuracies("validation", config.eval.val_tasks))
-                writer.add_scalar("meta_val/accuracy", val_acc, iteration)
+                with eta.evaluation():
+                    val_acc, _ = mean_ci95(accuracies("validation", config.eval.val_tasks))
+                writer.add_scalar(f"{VAL}/accuracy", val_acc, iteration)
+                writer.add_scalar(f"{VAL}/best_accuracy", max(val_acc, state["best_val"]), iteration)
                 _log_loss_shape(writer, learner, iteration)
                 if val_acc > state["best_val"]:
                     state.update(best_val=val_acc, best_iteration=iteration)
@@ -220,15 +280,19 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
                 postfix["val"] = f"{val_acc:.3f}"
             state["wall_time"] = time.time() - started
             boundary(iteration)
+            eta.step_done()
+            postfix["eta"] = remaining_time()
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
+            timer.step_done()
     finally:
         bar.close()
         writer.flush()
     barrier()  # rank 0 has written best.pt
     learner.load_state_dict(load_checkpoint(run.best_checkpoint)["learner"])
     test_acc, test_ci = mean_ci95(accuracies("test", config.eval.test_tasks))
-    writer.add_scalar("meta_test/accuracy", test_acc, state["iteration"])
+    writer.add_scalar(f"{TEST}/accuracy", test_acc, state["iteration"])
+    writer.add_scalar(f"{TEST}/ci95", test_ci, state["iteration"])
     writer.close()
     results = {
         "method": config.method, "test_accuracy": test_acc, "test_ci95": test_ci,
@@ -241,12 +305,6 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
     if not ranks.is_main:
         return results
     write_results(run, results)
-    log_hparams(run.events, {
-        "method": config.method, "model.backbone": config.model.backbone, "data.dataset": config.data.dataset,
-        "data.ways": config.data.ways, "data.shots": config.data.shots, "outer.lr": config.outer.lr,
-        "inner.lr": config.inner.lr, "outer.iterations": config.outer.iterations, "seed": config.seed,
-    }, {"hparams/test_accuracy": test_acc, "hparams/test_ci95": test_ci,
-        "hparams/best_val_accuracy": state["best_val"]})
     print(f"{config.method}: meta-test accuracy {100 * test_acc:.2f} +- {100 * test_ci:.2f}% "
           f"({config.eval.test_tasks} tasks); results in {run.results}")
     return results
@@ -254,10 +312,10 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
 
 def _log_train(writer: EventWriter, learner: nn.Module, iteration: int, loss: float, accuracy: float,
                grad_norm: float, lr: float, sampling_share: float) -> None:
-    writer.add_scalar("meta_train/loss", loss, iteration)
-    writer.add_scalar("meta_train/accuracy", accuracy, iteration)
-    writer.add_scalar("meta_train/grad_norm", grad_norm, iteration)
-    writer.add_scalar("meta_train/outer_lr", lr, iteration)
+    writer.add_scalar(f"{TRAIN}/loss", loss, iteration)
+    writer.add_scalar(f"{TRAIN}/accuracy", accuracy, iteration)
+    writer.add_scalar(f"{TRAIN}/grad_norm", grad_norm, iteration)
+    writer.add_scalar(f"{TRAIN}/outer_lr", lr, iteration)
     writer.add_scalar("time/sampling_share", sampling_share, iteration)
     inner_lrs = learner.inner_lrs()
     if inner_lrs is not None:
