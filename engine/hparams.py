@@ -18,9 +18,12 @@ from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
+from engine.tags import TEST
+
 # The columns the dashboard shows before any is chosen (it shows five, those marked as differing first).
 SHOWN = ("method", "seed", "data.dataset")
 WORLD_SIZE = "world_size"  # every run's number of processes, beside its family's settings
+RUN_START_SUFFIX = ".run_start"  # the start's event file, told apart from training's (engine/run_dir.py)
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,8 @@ def hparam_value(value: Any) -> int | float | str:
 
 def experiment_summary(specs: Sequence[HParamsSpec], methods: Sequence[str]) -> Summary:
     """The one experiment summary of every family: the union of their hyper-parameters (`method` with every
-    method as its choices, `SHOWN` marked so that the dashboard shows them) and of their metrics."""
+    method as its choices, `SHOWN` marked so that the dashboard shows them) and of their metrics (the test
+    readings first: the dashboard shows the first five)."""
     names = list(dict.fromkeys([*(name for spec in specs for name in spec.names), WORLD_SIZE]))
     infos = []
     for name in names:
@@ -52,8 +56,9 @@ def experiment_summary(specs: Sequence[HParamsSpec], methods: Sequence[str]) -> 
             info.type = api_pb2.DATA_TYPE_STRING
             info.domain_discrete.extend(methods)
         infos.append(info)
-    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag))
-               for tag in dict.fromkeys(tag for spec in specs for tag in spec.metrics)]
+    tags = list(dict.fromkeys(tag for spec in specs for tag in spec.metrics))
+    tags.sort(key=lambda tag: not tag.startswith(f"{TEST}/"))  # the test readings are the columns shown first
+    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in tags]
     content = plugin_data_pb2.HParamsPluginData(experiment=api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics),
                                                 version=metadata.PLUGIN_DATA_VERSION)
     plugin = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString())
@@ -64,7 +69,7 @@ def log_run_start(log_dir: Path, specs: Sequence[HParamsSpec], methods: Sequence
                   values: dict[str, Any]) -> None:
     """Write the experiment summary of `specs` and this run's session start (`values`) into `log_dir`'s own
     events (not a timestamped sub-folder), at step 0."""
-    with SummaryWriter(log_dir) as writer:
+    with SummaryWriter(log_dir, filename_suffix=RUN_START_SUFFIX) as writer:
         file_writer = writer._get_file_writer()
         file_writer.add_summary(experiment_summary(specs, methods))
         _, session_start, _ = hparams_summaries({k: hparam_value(v) for k, v in values.items()}, {})

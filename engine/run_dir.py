@@ -12,6 +12,7 @@ import yaml
 
 from engine.checkpoint import atomic_write_bytes
 from engine.errors import UserError
+from engine.hparams import RUN_START_SUFFIX
 from engine.run_lock import RunLock
 
 
@@ -86,9 +87,10 @@ def new_run_dir(runs_root: Path, name: str, config: dict[str, Any], lock: RunLoc
 
 
 def discard_unstarted(run: RunDir) -> None:
-    """Remove a new run's folder when it holds nothing but its config.yaml and the TensorBoard events of its start
-    (the run stopped before training; its lock released first)."""
-    if run.path.is_dir() and all(p == run.config or p.match(EVENT_FILES) for p in run.path.iterdir()):
+    """Remove a new run's folder when it holds nothing but its config.yaml and the TensorBoard event file of its
+    start (the run stopped before training; its lock released first)."""
+    if run.path.is_dir() and all(p == run.config or p.match(EVENT_FILES + RUN_START_SUFFIX)
+                                 for p in run.path.iterdir()):
         clear_events(run.path)
         run.config.unlink()
         run.path.rmdir()

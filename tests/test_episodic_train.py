@@ -167,3 +167,19 @@ def test_threads_are_set_before_training(tmp_path: Path, monkeypatch: pytest.Mon
     code, folder = run("npbml_omniglot_5w1s.yaml", tmp_path, tmp_path, "t0", "threads=0")
     expect_one_line_error(capsys, code, "threads = 0 must be at least 1")
     assert not folder.exists()
+
+
+def test_an_episodic_run_prints_its_device_estimate_and_at_a_stop_the_command_that_continues_it(
+        shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from test_train_single_task import StopAfter
+
+    overrides = [arg for value in (*TINY, "name=stopped", "outer.iterations=14", "eval.every=7")
+                 for arg in ("--set", value)]
+    code = train.main(["--config", "configs/maml_omniglot_5w1s.yaml", "--runs-root", str(tmp_path),
+                       "--data-root", str(shared_data), *overrides], StopAfter(13))
+    out = capsys.readouterr()
+    folder = tmp_path / "stopped"
+    assert code == 130 and f"run folder: {folder} (new;" in out.out and "maml on cpu" in out.out
+    assert "estimate on cpu: 2 meta-iterations ~" in out.out and "1 meta-validations ~" in out.out
+    assert "meta-test (3 tasks) ~" in out.out
+    assert f"continue with python train.py --resume {folder}\n" in out.err, out.err
