@@ -16,9 +16,11 @@ overrides of its own (an ablation variant; "{seed}" in a value becomes the cell'
 the value with the lowest mean final validation metric over the seeds is chosen (sweep.json), and the other
 methods run at that value unless their label sets KEY itself (--sweep-seeds tunes on some seeds only and runs
 the baseline's others at the chosen value). Then <out> gets summary.csv and summary.md
-(mean and std of the final test metric per method over seeds, with their number, and the mean 95% CI where
-the runs report one) and PNG figures: learning_curves.png, readouts.png, init_readouts.png (phase 1),
-loss_evolution_<label>.png, accuracy.png. --jobs N runs N cells at once as separate processes (each with
+(per label the final and validation-selected test metric: mean with its 95% t-interval over the seeds, std,
+per-seed values, the paired difference to the baseline with its 95% t-interval, the training compute and phase 1's
+steps; the mean reported 95% CI where the runs report one) and figures, each a PNG and a PDF:
+learning_curves, readouts, init_readouts (phase 1), loss_evolution_<label> (every seed, or
+--loss-evolution-seed's), accuracy. --jobs N runs N cells at once as separate processes (each with
 cores / N threads, its output in <out>/logs/). --launcher slurm runs each cell as a SLURM job instead (submitit;
 engine/slurm_launcher.py): the sweep's cells first, the others after its choice, a preempted or timed-out cell
 requeued and resumed; a cell whose config sets processes: N runs under torchrun with N processes.
@@ -39,6 +41,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -102,6 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--summary-only", action="store_true", help="run nothing; summarise the cells in --out")
     parser.add_argument("--labels", nargs="+", help="with --summary-only: summarise only these labels, in this "
                         "order, into <out>/selection/ (the grid's own summary is left as it is)")
+    parser.add_argument("--loss-evolution-seed", type=int, metavar="SEED",
+                        help="draw the learned loss's evolution of this seed only (default: every seed, a row each)")
     slurm = parser.add_argument_group("on a SLURM cluster (--launcher slurm)")
     slurm.add_argument("--launcher", choices=("local", "slurm"), default="local",
                        help="local: cells run on this machine (--jobs); slurm: each cell is one SLURM job (submitit)")
@@ -359,6 +364,23 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+# Student's t 0.975 quantiles by degrees of freedom (a two-sided 95% interval); between the rows, the row below
+# (a wider interval); beyond the last, the normal's.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+         29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def ci95(values: list[float]) -> float | None:
+    """Half-width of the 95% t-interval of the mean of `values` (seeds), None for fewer than two."""
+    if len(values) < 2:
+        return None
+    dof = len(values) - 1
+    quantile = T_975[max(d for d in T_975 if d <= dof)] if dof <= max(T_975) else 1.960
+    return quantile * statistics.stdev(values) / math.sqrt(len(values))
+
+
 def paired(results: list[dict[str, Any]], baseline: dict[int, dict[str, Any]], key: str) -> list[float]:
     """Seed by seed, `key` of `results` minus the baseline's, over the seeds both have."""
     return [r[key] - baseline[r["seed"]][key] for r in results if r.get("seed") in baseline and key in r]
@@ -366,10 +388,11 @@ def paired(results: list[dict[str, Any]], baseline: dict[int, dict[str, Any]], k
 
 def summary_rows(groups: dict[str, list[tuple[Path, dict[str, Any]]]], baseline: str | None = None
                  ) -> list[dict[str, Any]]:
-    """Per label: the final test metric's mean, sample std, number and list of seeds, the mean reported 95% CI;
-    where runs select on validation, the test metric at the best validation evaluation too; and, beside a
-    baseline label, each reading's paired difference to it and the training compute (wall time of the training
-    steps, evaluations excluded) as a multiple of the baseline's on the same seed."""
+    """Per label: the final test metric's mean, sample std, 95% t-interval over the seeds, number and list of seeds
+    and per-seed values, the mean reported 95% CI (episodic runs); where runs select on validation, the test metric
+    at the best validation evaluation too; the training compute and phase 1's offline meta steps; and, beside a
+    baseline label, each reading's paired difference to it (mean, std, 95% t-interval over the common seeds) and
+    the training compute as a multiple of the baseline's on the same seed."""
     base = {r.get("seed"): r for _, r in groups.get(baseline, [])} if baseline else {}
     rows = []
     for label, cells in groups.items():
@@ -379,21 +402,25 @@ def summary_rows(groups: dict[str, list[tuple[Path, dict[str, Any]]]], baseline:
         cis = [r["test_ci95"] for r in results if "test_ci95" in r]
         row: dict[str, Any] = {
             "method": label, "metric": metric, "n": len(results), "mean": mean, "std": std,
+            "ci95_seeds": ci95([r[metric] for r in results]),
             "ci95": statistics.fmean(cis) if cis else None, "seeds": " ".join(str(r.get("seed", "")) for r in results),
             "per_seed": " ".join(f"{r[metric]:.4f}" for r in results),
         }
         selected = f"{metric}_at_best_val"
         if all(selected in r for r in results):
             row["mean_at_best_val"], row["std_at_best_val"] = mean_std([r[selected] for r in results])
+            row["ci95_seeds_at_best_val"] = ci95([r[selected] for r in results])
             row["per_seed_at_best_val"] = " ".join(f"{r[selected]:.4f}" for r in results)
             row["min_evaluations"] = min(r["evaluations"] for r in results)
         row["compute_s"] = statistics.fmean(r["compute_s"] for r in results) if all(
             "compute_s" in r for r in results) else None
+        row["init_steps"] = max((r.get("init_steps", 0) for r in results), default=0)
         if base and label != baseline:
             for reading, key in (("final", metric), ("at_best_val", selected)):
                 diffs = paired(results, base, key)
                 if diffs:
                     row[f"diff_{reading}"], row[f"diff_{reading}_std"] = mean_std(diffs)
+                    row[f"diff_{reading}_ci95"] = ci95(diffs)
             costs = paired_ratio(results, base, "compute_s")
             if costs:
                 row["cost"] = statistics.fmean(costs)
@@ -407,25 +434,34 @@ def paired_ratio(results: list[dict[str, Any]], baseline: dict[int, dict[str, An
             if r.get("seed") in baseline and r.get(key) and baseline[r["seed"]].get(key)]
 
 
-def _plus_minus(row: dict[str, Any], key: str) -> str:
-    return f"{row[key]:+.4f} +- {row[key + '_std']:.4f}" if key in row else ""
+def _interval(mean: float, half_width: float | None, signed: bool = False) -> str:
+    """"0.1234 ± 0.0056" (a 95% interval), or the mean alone where there is none (one seed)."""
+    text = f"{mean:+.4f}" if signed else f"{mean:.4f}"
+    return text if half_width is None else f"{text} ± {half_width:.4f}"
+
+
+def _paired(row: dict[str, Any], reading: str) -> str:
+    key = f"diff_{reading}"
+    return _interval(row[key], row[f"{key}_ci95"], signed=True) if key in row else ""
 
 
 def summary_table(rows: list[dict[str, Any]], baseline: str | None) -> list[str]:
-    """The summary's main table: each reading's mean and std, the paired differences and the compute."""
-    lines = ["| method | metric | seeds (n) | final mean | std | at best val: mean | std "
-             f"| paired diff at best val{f' (vs {baseline})' if baseline else ''} | paired diff final "
-             "| training compute (s) | compute x baseline | mean 95% CI |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """The summary's main table: each reading's mean with its 95% t-interval over the seeds and its std, the paired
+    differences to the baseline with their 95% t-intervals, the compute and phase 1's steps."""
+    versus = f" vs {baseline}" if baseline else ""
+    lines = ["| method | metric | seeds (n) | final: mean ± 95% CI | std | at best val: mean ± 95% CI | std "
+             f"| paired diff at best val{versus} (± 95% CI) | paired diff final (± 95% CI) | training compute (s) "
+             "| compute x baseline | phase-1 steps | reported 95% CI (mean) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        selected = (f"{r['mean_at_best_val']:.4f} | {r['std_at_best_val']:.4f}" if "mean_at_best_val" in r
-                    else " | ")
+        selected = (f"{_interval(r['mean_at_best_val'], r['ci95_seeds_at_best_val'])} | {r['std_at_best_val']:.4f}"
+                    if "mean_at_best_val" in r else " | ")
         time = f"{r['compute_s']:.1f}" if r.get("compute_s") is not None else ""
         cost = f"{r['cost']:.2f}" if "cost" in r else ("1.00 (baseline)" if r["method"] == baseline else "")
-        ci = f"+- {r['ci95']:.4f}" if r["ci95"] is not None else ""
-        lines.append(f"| {r['method']} | {r['metric']} | {r['n']} | {r['mean']:.4f} | {r['std']:.4f} | {selected} "
-                     f"| {_plus_minus(r, 'diff_at_best_val')} | {_plus_minus(r, 'diff_final')} | {time} | {cost} "
-                     f"| {ci} |")
+        reported = f"± {r['ci95']:.4f}" if r["ci95"] is not None else ""
+        lines.append(f"| {r['method']} | {r['metric']} | {r['n']} | {_interval(r['mean'], r['ci95_seeds'])} "
+                     f"| {r['std']:.4f} | {selected} | {_paired(r, 'at_best_val')} | {_paired(r, 'final')} | {time} "
+                     f"| {cost} | {r['init_steps'] or ''} | {reported} |")
     return lines
 
 
@@ -458,6 +494,9 @@ def write_summary(out: Path, rows: list[dict[str, Any]], target: Path, baseline:
                   "(steps and lr milestones scaled by it): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
                   + ". Read equal-compute verdicts from the validation-selected column.", ""]
     lines += summary_table(rows, baseline)
+    lines.append("\n95% CIs are Student's t intervals over the seeds (paired differences: over the seeds both labels "
+                 "ran). Training compute is results.json's compute_s: the training steps' CPU seconds on a CPU, wall "
+                 "seconds on a GPU, evaluations excluded, phase 1's offline meta steps (AdaLFL, ML3) included.")
     lines += per_seed_table(rows)
     sparse = [r["method"] for r in rows if r.get("min_evaluations", MIN_EVALUATIONS) < MIN_EVALUATIONS]
     if sparse:
@@ -472,36 +511,45 @@ def write_summary(out: Path, rows: list[dict[str, Any]], target: Path, baseline:
 
 
 def write_figures(out: Path, groups: dict[str, list[tuple[Path, dict[str, Any]]]],
-                  rows: list[dict[str, Any]]) -> list[Path]:
-    written = []
+                  rows: list[dict[str, Any]], evolution_seed: int | None = None) -> list[Path]:
+    """The grid's figures (each a PNG and a PDF); a figure that would be empty is left out with a message saying
+    why. `evolution_seed`: the learned loss's evolution of that seed only (default: every seed)."""
+    written: list[Path] = []
     colours = figures.label_colours(list(groups), METHOD_COLOURS)  # one colour per label in every figure
+    metric = final_metric(next(iter(groups.values()))[0][1])
+    task_loss = "squared error" if metric == "test_mse" else "cross-entropy"
+
+    def draw(name: str, figure: Callable[[], list[Path]]) -> None:
+        try:
+            written.extend(figure())
+        except figures.NothingToDraw as reason:
+            print(f"[grid] no {name}: {reason}")
+
     histories = {label: [r["history"] for _, r in cells] for label, cells in groups.items()
                  if all(r.get("history") for _, r in cells)}
     if histories:
-        metric = final_metric(next(iter(groups.values()))[0][1]).removeprefix("test_")
-        written.append(figures.learning_curves(histories, metric, out / "learning_curves.png", colours))
-    readouts = {label: [r["readouts"] for _, r in cells] for label, cells in groups.items()
-                if all(r.get("readouts") for _, r in cells)}
-    if readouts:
-        written.append(figures.readout_curves(readouts, out / "readouts.png", colours=colours))
-    init_readouts = {label: [r["init_readouts"] for _, r in cells] for label, cells in groups.items()
-                     if all(r.get("init_readouts") for _, r in cells)}
-    if init_readouts:  # phase 1: at the phase-2 initialisation, against offline meta steps
-        written.append(figures.readout_curves(init_readouts, out / "init_readouts.png", "offline meta steps",
-                                                      colours))
+        draw("learning_curves.png", lambda: figures.learning_curves(
+            histories, metric.removeprefix("test_"), out / "learning_curves.png", colours))
+    for key, name, steps in (("readouts", "readouts.png", "gradient steps"),  # phase 1's at the phase-2 init
+                             ("init_readouts", "init_readouts.png", "offline meta steps")):
+        readouts = {label: [r[key] for _, r in cells] for label, cells in groups.items()
+                    if all(r.get(key) for _, r in cells)}
+        if readouts:
+            draw(name, lambda readouts=readouts, name=name, steps=steps: figures.readout_curves(
+                readouts, out / name, steps, colours, task_loss))
     for label, cells in groups.items():
-        shapes = cells[0][0] / "loss_shapes.json"
-        if shapes.is_file():
-            title = f"{label}, {cells[0][0].name}"
-            path = out / f"loss_evolution_{label}.png"
-            written.append(figures.loss_evolution(json.loads(shapes.read_text()), title, path))
+        shapes = {r.get("seed", 0): folder / "loss_shapes.json" for folder, r in cells
+                  if evolution_seed is None or r.get("seed") == evolution_seed}
+        shapes = {seed: json.loads(path.read_text()) for seed, path in shapes.items() if path.is_file()}
+        if shapes:
+            written.extend(figures.loss_evolution(shapes, label, out / f"loss_evolution_{label}.png"))
     accuracy = [r for r in rows if r["metric"] == "test_accuracy"]
     if accuracy:
-        written.append(figures.accuracy_bars(accuracy, out / "accuracy.png"))
+        written.extend(figures.accuracy_bars(accuracy, out / "accuracy.png"))
     return written
 
 
-def summarise(out: Path, labels: list[str] | None = None) -> list[dict[str, Any]]:
+def summarise(out: Path, labels: list[str] | None = None, evolution_seed: int | None = None) -> list[dict[str, Any]]:
     """summary.csv, summary.md and the figures of every finished cell in `out` (or, given `labels`, of those
     labels' cells, in <out>/selection/); returns the summary rows."""
     groups = load_results(out)
@@ -518,7 +566,7 @@ def summarise(out: Path, labels: list[str] | None = None) -> list[dict[str, Any]
     baseline = grid_baseline(out)
     rows = summary_rows(groups, baseline if baseline in groups else None)
     write_summary(out, rows, target, baseline if baseline in groups else None)
-    for path in write_figures(target, groups, rows):
+    for path in write_figures(target, groups, rows, evolution_seed):
         print(f"[grid] wrote {path}")
     print((target / "summary.md").read_text())
     return rows
@@ -699,7 +747,7 @@ def main(argv: list[str] | None = None, stop: Stop | None = None) -> int:
             print("[grid] interrupted; run the same command again to continue the grid", file=sys.stderr)
             return 130
     try:
-        summarise(args.out, args.labels)
+        summarise(args.out, args.labels, args.loss_evolution_seed)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -22,8 +22,8 @@ from npbml import config as episodic
 from npbml import meta_trainer as episodic_trainer
 
 FAMILIES = (  # every kind of experiment train.py runs, told apart by the config's method
-    Family(single_task.METHODS, single_task.SingleTaskConfig, single_task_run.train),
-    Family(episodic.METHODS, episodic.EpisodicConfig, episodic_trainer.train),
+    Family(single_task.METHODS, single_task.SingleTaskConfig, single_task_run.train, single_task_run.HPARAMS),
+    Family(episodic.METHODS, episodic.EpisodicConfig, episodic_trainer.train, episodic_trainer.HPARAMS),
 )
 
 

@@ -14,6 +14,7 @@ from adalfl.loss_network import OutputWiseLoss
 from adalfl.online_step import Batch, LossFn
 from engine.distributed import EventWriter
 from engine.figures import loss_shape_figure
+from engine.tags import PHASE_1
 
 
 class LossReadouts:
@@ -50,23 +51,24 @@ class LossReadouts:
 
     def online(self, writer: EventWriter, model: nn.Module, loss: OutputWiseLoss, batch: Batch, step: int) -> None:
         """Phase 2: the readouts of the trained model on its latest training batch."""
-        self._write(writer, self._measure(model, loss, batch, step, model), self.readouts)
+        self._write(writer, "analysis", self._measure(model, loss, batch, step, model), self.readouts)
 
     def offline(self, writer: EventWriter, start: nn.Module, probe: nn.Module, loss: OutputWiseLoss, batch: Batch,
                 step: int) -> None:
         """Phase 1: the gradient-norm ratio the first online step would see (at the phase-2 initialisation
         `start`) and the confidence of the `probe` model after its step with the learned loss."""
-        self._write(writer, self._measure(start, loss, batch, step, probe), self.init_readouts)
+        self._write(writer, PHASE_1, self._measure(start, loss, batch, step, probe), self.init_readouts)
 
     @staticmethod
-    def _write(writer: EventWriter, record: dict[str, float], records: list[dict[str, float]]) -> None:
+    def _write(writer: EventWriter, group: str, record: dict[str, float], records: list[dict[str, float]]) -> None:
         records.append(record)
         for key, value in record.items():
             if key != "step":
-                writer.add_scalar(f"analysis/{key}", value, record["step"])
+                writer.add_scalar(f"{group}/{key}", value, record["step"])
 
     def shape(self, writer: EventWriter, loss: OutputWiseLoss, phase: str, step: int) -> None:
         """Record and draw the loss's shape l(y, p) at `step` of `phase` ("init" or "online")."""
         shape = loss_shape(loss)
         self.loss_shapes.append({"phase": phase, "step": step, **shape})
-        writer.add_figure("learned_loss/shape", loss_shape_figure(shape, f"{phase} step {step}"), step)
+        tag = f"{PHASE_1}/loss_shape" if phase == "init" else "learned_loss/shape"
+        writer.add_figure(tag, loss_shape_figure(shape, f"{phase} step {step}"), step)

@@ -25,15 +25,18 @@ from tqdm import tqdm
 
 from adalfl.config import SingleTaskConfig
 from adalfl.evomal import EvoMALLoss
+from adalfl.methods import METHOD_SPECS
 from adalfl.online_step import online_step
 from adalfl.streams import INIT_META_STREAM, INIT_TRAIN_STREAM, META_STREAM, TRAIN_STREAM
 from adalfl.trainer import SingleTaskTrainer
 from engine.distributed import EventWriter
-from engine.hparams import log_hparams
+from engine.hparams import HParamsSpec
 from engine.run_dir import RunDir, write_results, write_text_atomic
 from engine.run_estimate import StepTimer, estimate_message, timed
+from engine.run_estimate import evaluations_left as remaining_evaluations
 from engine.run_loop import StepBoundary, Stop, restore
 from engine.selection import selection_summary
+from engine.tags import PHASE_1, TEST, TRAIN, VAL
 
 # The config to name when a run's projected wall time on a CPU exceeds a day, by data set.
 CPU_SIZED_CONFIGS = {"cifar10": "configs/adalfl_cifar_small.yaml"}
@@ -41,8 +44,7 @@ CPU_SIZED_CONFIGS = {"cifar10": "configs/adalfl_cifar_small.yaml"}
 
 def evaluations_left(trainer: SingleTaskTrainer) -> int:
     """Evaluations still to come in phase 2 (one every train.eval_every steps and one at the end)."""
-    steps, every = trainer.config.train.steps, trainer.config.train.eval_every
-    return steps // every - trainer.step // every + (1 if steps % every else 0)
+    return remaining_evaluations(trainer.config.train.steps, trainer.config.train.eval_every, trainer.step)
 
 
 def evaluation_seconds(trainer: SingleTaskTrainer) -> float:
@@ -57,6 +59,14 @@ def evaluation_seconds(trainer: SingleTaskTrainer) -> float:
     return seconds * math.ceil(chunks / trainer.world.size)
 
 
+def remaining_time(trainer: SingleTaskTrainer) -> str:
+    """The whole run's remaining time for the progress bar: phase 1's steps left (at its step cost while it
+    runs), phase 2's and the evaluations to come."""
+    cfg = trainer.config
+    phase_1 = cfg.meta.init_steps - trainer.init_step if trainer.learns_loss else 0
+    return trainer.eta.text(phase_1 + cfg.train.steps - trainer.step, evaluations_left(trainer))
+
+
 def estimate_reporter(trainer: SingleTaskTrainer, phase: str):
     """Print, once per phase, the projected wall time of the rest of the run from its measured steps, and on a
     CPU where that exceeds a day, a config sized for it."""
@@ -67,8 +77,9 @@ def estimate_reporter(trainer: SingleTaskTrainer, phase: str):
                      ("phase 2 (at phase 1's step cost)", seconds_per_step * cfg.train.steps)]
         else:
             parts = [("phase 2", seconds_per_step * (cfg.train.steps - trainer.step))]
-        parts.append((f"{evaluations_left(trainer)} evaluations",
-                      evaluation_seconds(trainer) * evaluations_left(trainer)))
+        evaluation = evaluation_seconds(trainer)
+        trainer.eta.expect_evaluation(evaluation)
+        parts.append((f"{evaluations_left(trainer)} evaluations", evaluation * evaluations_left(trainer)))
         small = CPU_SIZED_CONFIGS.get(cfg.data.dataset)
         advice = f"{small} is sized for a CPU" if small else "lower train.steps or choose a smaller model.name"
         if trainer.world.is_main:
@@ -79,8 +90,10 @@ def estimate_reporter(trainer: SingleTaskTrainer, phase: str):
 def offline_initialisation(trainer: SingleTaskTrainer, stop: Stop) -> None:
     """Phase 1: learn the loss's initial shape over short horizons of freshly initialised models."""
     meta = trainer.config.meta
-    writer = EventWriter(trainer.run.events / "init", purge_step=trainer.init_step)
+    writer = EventWriter(trainer.run.events / PHASE_1, purge_step=trainer.init_step or None)
     bar = trainer.progress_bar("phase 1: loss init")
+    trainer.eta.restart()
+    postfix = {"eta": remaining_time(trainer)}
     timer = StepTimer(trainer.device, estimate_reporter(trainer, "phase 1"))
     boundary = StepBoundary(stop, trainer.save, trainer.config.train.checkpoint_every, meta.init_steps)
     try:
@@ -96,12 +109,14 @@ def offline_initialisation(trainer: SingleTaskTrainer, stop: Stop) -> None:
             trainer.init_step += 1
             trainer.clock.stop()
             if trainer.init_step % trainer.config.log.scalars_every == 0:
-                values = trainer.log_step(writer, "init", trainer.init_step, stats)
+                values = trainer.log_step(writer, PHASE_1, trainer.init_step, stats)
                 probed = trainer.batch("train", trainer.init_step - 1, INIT_TRAIN_STREAM, whole=True)
                 trainer.records.offline(writer, trainer.fresh_base(stream=0)[0], trainer.init_model[0],
                                         trainer.loss_net, probed, trainer.init_step)
-                bar.set_postfix(learned=f"{values['learned_loss']:.4f}", meta=f"{values['meta_loss']:.4f}",
-                                refresh=False)
+                postfix.update(learned=f"{values['learned_loss']:.4f}", meta=f"{values['meta_loss']:.4f}")
+            trainer.eta.step_done()
+            postfix["eta"] = remaining_time(trainer)
+            bar.set_postfix(postfix, refresh=False)
             bar.update()
             timer.step_done()
             if trainer.init_step == meta.init_steps:
@@ -147,13 +162,15 @@ def loss_search(trainer: SingleTaskTrainer, stop: Stop) -> None:
 def online_training(trainer: SingleTaskTrainer, stop: Stop) -> None:
     """Phase 2: train the model for `train.steps` steps; adalfl adapts the loss at every step."""
     cfg = trainer.config
-    writer = EventWriter(trainer.run.events, purge_step=trainer.step)
+    # no purge at a fresh start: its session start (engine/hparams.py) is at step 0
+    writer = EventWriter(trainer.run.events, purge_step=trainer.step or None)
     adapt = trainer.spec.online
     loss_fn = trainer.loss_net if trainer.loss_net is not None else trainer.handcrafted_loss
-    bar = trainer.progress_bar(f"phase 2: {cfg.method}")
+    bar = trainer.progress_bar(f"phase 2: {cfg.method}" if trainer.learns_loss else cfg.method)
     timer = StepTimer(trainer.device, estimate_reporter(trainer, "phase 2"))
     boundary = StepBoundary(stop, trainer.save, cfg.train.checkpoint_every, cfg.train.steps)
-    postfix: dict[str, str] = {}
+    trainer.eta.restart()
+    postfix = {"eta": remaining_time(trainer)}
     try:
         if trainer.step == 0 and trainer.loss_net is not None:
             trainer.records.shape(writer, trainer.loss_net, "online", 0)
@@ -175,8 +192,8 @@ def online_training(trainer: SingleTaskTrainer, stop: Stop) -> None:
             trainer.step += 1
             trainer.clock.stop()
             if trainer.step % cfg.log.scalars_every == 0:
-                values = trainer.log_step(writer, "train", trainer.step, stats)
-                writer.add_scalar("train/lr", trainer.optimizer.param_groups[0]["lr"], trainer.step)
+                values = trainer.log_step(writer, TRAIN, trainer.step, stats)
+                writer.add_scalar(f"{TRAIN}/lr", trainer.optimizer.param_groups[0]["lr"], trainer.step)
                 if trainer.loss_net is not None:
                     latest = trainer.batch("train", trainer.step - 1, TRAIN_STREAM, whole=True)
                     trainer.records.online(writer, trainer.model, trainer.loss_net, latest, trainer.step)
@@ -187,8 +204,11 @@ def online_training(trainer: SingleTaskTrainer, stop: Stop) -> None:
                 trainer.records.shape(writer, trainer.loss_net, "online", trainer.step)
             if trainer.step % cfg.train.eval_every == 0 or trainer.step == cfg.train.steps:
                 trainer.check_finite()
-                record = trainer.log_evaluation(writer)
+                with trainer.eta.evaluation():
+                    record = trainer.log_evaluation(writer)
                 postfix[f"val_{trainer.metric}"] = f"{record[f'val_{trainer.metric}']:.4f}"
+            trainer.eta.step_done()
+            postfix["eta"] = remaining_time(trainer)
             bar.update()
             bar.set_postfix(postfix, refresh=False)
             timer.step_done()
@@ -197,19 +217,28 @@ def online_training(trainer: SingleTaskTrainer, stop: Stop) -> None:
         writer.close()
 
 
-def run_hparams(trainer: SingleTaskTrainer) -> dict[str, Any]:
-    """The settings a grid varies, for TensorBoard's HParams dashboard."""
-    cfg = trainer.config
-    values = {"method": cfg.method, "model": cfg.model.name, "dataset": cfg.data.dataset, "seed": cfg.seed,
-              "steps": cfg.train.steps, "optimizer": cfg.optimizer.name, "lr": cfg.optimizer.lr,
-              "batch_size": cfg.train.batch_size, "world_size": trainer.world.size}
-    if trainer.learns_loss:
+def run_hparams(cfg: SingleTaskConfig) -> dict[str, Any]:
+    """The settings a grid varies, by their config keys, for TensorBoard's HParams dashboard (the learned loss's
+    for the methods that learn one; meta.max_grad_ratio resolved)."""
+    values = {"method": cfg.method, "seed": cfg.seed, "data.dataset": cfg.data.dataset, "model.name": cfg.model.name,
+              "optimizer.name": cfg.optimizer.name, "optimizer.lr": cfg.optimizer.lr, "train.steps": cfg.train.steps,
+              "train.batch_size": cfg.train.batch_size}
+    if METHOD_SPECS[cfg.method].learns_loss:
         meta = cfg.meta
-        values |= {"meta_lr": meta.lr, "init_steps": meta.init_steps, "loss_form": meta.loss_form,
-                   "batch_source": meta.batch_source, "max_grad_ratio": meta.grad_ratio(cfg.method),
-                   "update_every": meta.update_every,
-                   "grad_scale": meta.grad_scale}
+        values |= {"meta.lr": meta.lr, "meta.init_steps": meta.init_steps, "meta.loss_form": meta.loss_form,
+                   "meta.batch_source": meta.batch_source, "meta.max_grad_ratio": meta.grad_ratio(cfg.method),
+                   "meta.update_every": meta.update_every, "meta.grad_scale": meta.grad_scale}
     return values
+
+
+HPARAMS = HParamsSpec(
+    names=("method", "seed", "data.dataset", "model.name", "optimizer.name", "optimizer.lr", "train.steps",
+           "train.batch_size", "meta.lr", "meta.init_steps", "meta.loss_form", "meta.batch_source",
+           "meta.max_grad_ratio", "meta.update_every", "meta.grad_scale"),
+    metrics=tuple(tag for metric in ("error", "mse")
+                  for tag in (f"{VAL}/{metric}", f"{TEST}/{metric}", f"{TEST}/{metric}_at_best_val")),
+    values=run_hparams,
+)
 
 
 def run_results(trainer: SingleTaskTrainer) -> dict[str, Any]:
@@ -250,10 +279,6 @@ def train(config: SingleTaskConfig, run: RunDir, data_root: Path, resume: bool, 
     if not trainer.world.is_main:
         return results
     metric = trainer.metric
-    log_hparams(run.events, run_hparams(trainer), {f"hparams/test_{metric}": results[f"test_{metric}"],
-                                                f"hparams/val_{metric}": results[f"val_{metric}"],
-                                                f"hparams/test_{metric}_at_best_val":
-                                                    results[f"test_{metric}_at_best_val"]})
     if trainer.records.loss_shapes:
         write_text_atomic(run.path / "loss_shapes.json", json.dumps(trainer.records.loss_shapes))
     write_results(run, results)

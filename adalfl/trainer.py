@@ -40,7 +40,9 @@ from engine.errors import ConfigError, NonFiniteError
 from engine.nonfinite_guard import NonFiniteGuard
 from engine.rng import rng_state, seed_everything, set_rng_state, step_generator
 from engine.run_dir import RunDir
+from engine.run_estimate import BAR_FORMAT, RunEta
 from engine.selection import best_validation
+from engine.tags import TEST, VAL
 from tasks.models import build_model
 from tasks.supervised import SupervisedTask, batch_indices, load_task
 
@@ -96,6 +98,7 @@ class SingleTaskTrainer:
         self.guard = NonFiniteGuard("phase-2 step" if self.learns_loss else "step")
         self.meta_stats: StepStats | None = None  # the latest step that updated the loss (meta.update_every)
         self.bar: tqdm | None = None
+        self.eta = RunEta()  # the whole run's remaining time, shown in the bar
         if self.world.rank:  # every rank built the same models; from here on each draws its own dropout masks
             seed_everything(config.seed + self.world.rank)
 
@@ -261,9 +264,9 @@ class SingleTaskTrainer:
             save_checkpoint(self.run.checkpoint, state)
 
     # ----- logging ---------------------------------------------------------------------------
-    def log_step(self, writer: EventWriter, prefix: str, step: int, stats: StepStats) -> dict[str, float]:
-        """Write the step's scalars, averaged over the ranks (the one host sync of a logging interval, after the
-        finite check); returns them for the progress bar."""
+    def log_step(self, writer: EventWriter, group: str, step: int, stats: StepStats) -> dict[str, float]:
+        """Write the step's scalars under tag `group`, averaged over the ranks (the one host sync of a logging
+        interval, after the finite check); returns them for the progress bar."""
         self.check_finite()
         scalars = {"task_loss": stats.task_loss}
         if self.loss_net is not None:
@@ -275,28 +278,28 @@ class SingleTaskTrainer:
         all_reduce_mean_([stacked])
         values = dict(zip(scalars, stacked.tolist(), strict=True))
         for key, value in values.items():
-            writer.add_scalar(f"{prefix}/{key}", value, step)
+            writer.add_scalar(f"{group}/{key}", value, step)
         return values
 
     def log_evaluation(self, writer: EventWriter) -> dict[str, float]:
         record: dict[str, float] = {"step": self.step}
-        for split in ("val", "test"):
+        for split, group in (("val", VAL), ("test", TEST)):
             for key, value in self.evaluate(self.model, split).items():
                 record[f"{split}_{key}"] = value
-                writer.add_scalar(f"{split}/{key}", value, self.step)
+                writer.add_scalar(f"{group}/{key}", value, self.step)
         self.history.append(record)
-        writer.add_scalar(f"test/{self.metric}_at_best_val",
+        writer.add_scalar(f"{TEST}/{self.metric}_at_best_val",
                           best_validation(self.history, self.metric)[f"test_{self.metric}"], self.step)
         return record
 
     # ----- progress and the projected wall time ---------------------------------------------
     def progress_bar(self, description: str) -> tqdm:
-        """The run's one step bar, phase 1 and phase 2 together, so that its ETA is the whole run's."""
+        """The run's one step bar, phase 1 and phase 2 together, with the whole run's remaining time (`eta`)."""
         if self.bar is None:
             phase_1 = self.config.meta.init_steps if self.learns_loss else 0
             self.bar = tqdm(total=phase_1 + self.config.train.steps, unit="step", dynamic_ncols=True,
                             initial=(self.init_step if self.learns_loss else 0) + self.step,
-                            disable=not self.world.is_main)
+                            disable=not self.world.is_main, bar_format=BAR_FORMAT)
         self.bar.set_description(description)
         return self.bar
 

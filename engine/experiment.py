@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from engine.config import apply_override, build_config, load_yaml, to_dict
 from engine.device import resolve_device, set_threads
 from engine.distributed import barrier, broadcast_object, device_for, join, leave, world
 from engine.errors import ConfigError, UserError
+from engine.hparams import WORLD_SIZE, HParamsSpec, log_run_start
 from engine.interrupt import RunInterrupted, StopRequest
 from engine.run_dir import default_run_name, discard_unstarted, existing_run_dir, new_run_dir
 from engine.run_lock import RunLock
@@ -23,20 +26,21 @@ from engine.run_loop import Stop
 
 @dataclass(frozen=True)
 class Family:
-    """One kind of experiment: its methods, its config schema (a RunConfig) and the function that trains a run,
-    `train(config, run=, data_root=, resume=, stop=) -> results`."""
+    """One kind of experiment: its methods, its config schema (a RunConfig), the function that trains a run,
+    `train(config, run=, data_root=, resume=, stop=) -> results`, and what it records for TensorBoard's HParams."""
 
     methods: tuple[str, ...]
     schema: type
     train: Callable[..., dict[str, Any]]
+    hparams: HParamsSpec
 
 
-def resolve_config(data: dict[str, Any], families: Sequence[Family]) -> tuple[Any, Callable[..., dict[str, Any]]]:
-    """Pick the family from `method`, validate `data` against its schema; (config, the family's train)."""
+def resolve_config(data: dict[str, Any], families: Sequence[Family]) -> tuple[Any, Family]:
+    """Pick the family from `method`, validate `data` against its schema; (config, the family)."""
     method = data.get("method")
     for family in families:
         if method in family.methods:
-            return build_config(family.schema, data), family.train
+            return build_config(family.schema, data), family
     valid = [m for family in families for m in family.methods]
     near = difflib.get_close_matches(str(method), valid, n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
@@ -77,14 +81,14 @@ def run_experiment(
         run = existing_run_dir(resume)
         data = load_yaml(run.config)
         started_with = data.pop("world_size", 1)
-        config, train = resolve_config(data, families)
+        config, family = resolve_config(data, families)
     else:
         if take_over:
             raise UserError("--take-over takes over a killed run's folder to resume it; use it with --resume")
         data = load_yaml(config_path)
         for assignment in overrides:
             apply_override(data, assignment)
-        config, train = resolve_config(data, families)
+        config, family = resolve_config(data, families)
     lock = None
     try:
         size = join(config.device).size
@@ -104,17 +108,26 @@ def run_experiment(
             lock = RunLock(run.path)
             lock.acquire(take_over)
         root = resolve_data_root(data_root, config.data.root)
+        set_threads(config.threads)
         if world().is_main:
+            threads = f"{torch.get_num_threads()}{'' if config.threads else ' (torch default)'}"
             print(f"run folder: {run.path} ({'resumed' if resume is not None else 'new'}; data from {root}; device "
-                  f"{resolve_device(device_for(config.device))}, {size} process(es), threads: "
-                  f"{config.threads or 'torch default'})", flush=True)
+                  f"{resolve_device(device_for(config.device))}, {size} process(es), CPU threads: {threads})",
+                  flush=True)
+            log_run_start(run.events, [f.hparams for f in families], [m for f in families for m in f.methods],
+                          {**family.hparams.values(config), WORLD_SIZE: size})
         try:
             if stop is not None:
-                return _train(config, train, run, root, resume is not None, lock, stop)
-            with StopRequest() as signals:
-                return _train(config, train, run, root, resume is not None, lock, signals)
+                results = _train(config, family.train, run, root, resume is not None, lock, stop)
+            else:
+                with StopRequest() as signals:
+                    results = _train(config, family.train, run, root, resume is not None, lock, signals)
         except KeyboardInterrupt:
             raise RunInterrupted(resume_command(run.path, size)) from None
+        if world().is_main:
+            print(f"run folder: {run.path} (finished; TensorBoard: tensorboard --logdir {run.path.parent})",
+                  flush=True)
+        return results
     finally:
         if lock is not None:
             lock.release()
@@ -124,7 +137,6 @@ def run_experiment(
 def _train(config: Any, train: Callable[..., dict[str, Any]], run: Any, root: Path, resume: bool,
            lock: RunLock | None, stop: Stop) -> dict[str, Any]:
     try:
-        set_threads(config.threads)
         return train(config, run=run, data_root=root, resume=resume, stop=stop)
     except UserError:
         if not resume and lock is not None:

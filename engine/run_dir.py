@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import yaml
 
 from engine.checkpoint import atomic_write_bytes
 from engine.errors import UserError
+from engine.hparams import RUN_START_SUFFIX
 from engine.run_lock import RunLock
 
 
@@ -40,7 +40,23 @@ class RunDir:
 
     @property
     def events(self) -> Path:
-        return self.path / "tensorboard"
+        """Where the run's TensorBoard events go: the run folder itself, so that TensorBoard names the run after
+        it (phase 1, a loss search and pre-training write to sub-folders of their own). A run folder made before
+        this layout keeps its `tensorboard/` folder."""
+        legacy = self.path / "tensorboard"
+        return legacy if legacy.is_dir() else self.path
+
+
+EVENT_FILES = "events.out.tfevents.*"
+
+
+def clear_events(folder: Path) -> None:
+    """Remove the TensorBoard event files under `folder` (a failed start's), and folders they leave empty."""
+    for events in folder.rglob(EVENT_FILES):
+        events.unlink()
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(sub.iterdir()):
+            sub.rmdir()
 
 
 def _refuse_if_holds_a_run(run: RunDir) -> None:
@@ -65,15 +81,17 @@ def new_run_dir(runs_root: Path, name: str, config: dict[str, Any], lock: RunLoc
         except UserError:
             lock.release()
             raise
-        shutil.rmtree(run.events, ignore_errors=True)
+        clear_events(run.path)
         write_text_atomic(run.config, yaml.safe_dump(config, sort_keys=False))
     return run
 
 
 def discard_unstarted(run: RunDir) -> None:
-    """Remove a new run's folder when it holds nothing but its config.yaml (the run stopped before writing;
-    its lock released first)."""
-    if run.path.is_dir() and list(run.path.iterdir()) == [run.config]:
+    """Remove a new run's folder when it holds nothing but its config.yaml and the TensorBoard event file of its
+    start (the run stopped before training; its lock released first)."""
+    if run.path.is_dir() and all(p == run.config or p.match(EVENT_FILES + RUN_START_SUFFIX)
+                                 for p in run.path.iterdir()):
+        clear_events(run.path)
         run.config.unlink()
         run.path.rmdir()
 

@@ -39,12 +39,13 @@ from engine.distributed import (
 )
 from engine.errors import ConfigError
 from engine.figures import support_shape_figure
-from engine.hparams import log_hparams
+from engine.hparams import HParamsSpec
 from engine.nonfinite_guard import NonFiniteGuard
 from engine.rng import rng_state, seed_everything, set_rng_state
 from engine.run_dir import RunDir, write_results
-from engine.run_estimate import StepTimer, estimate_message, timed
+from engine.run_estimate import BAR_FORMAT, RunEta, StepTimer, estimate_message, evaluations_left, timed
 from engine.run_loop import StepBoundary, Stop, restore
+from engine.tags import TEST, TRAIN, VAL
 from npbml.config import EpisodicConfig
 from npbml.learners import build_learner
 from npbml.pretrain import backbone_of, pretrain_backbone
@@ -120,6 +121,33 @@ def fixed_episodes(config: EpisodicConfig, sampler: EpisodeSampler, split: str, 
     return sampler.fixed(count, seed=config.seed * 10 + stream, first=first, stride=stride)
 
 
+def run_hparams(config: EpisodicConfig) -> dict[str, Any]:
+    """The settings a grid varies, by their config keys, for TensorBoard's HParams dashboard."""
+    return {"method": config.method, "seed": config.seed, "data.dataset": config.data.dataset,
+            "model.backbone": config.model.backbone, "data.ways": config.data.ways, "data.shots": config.data.shots,
+            "inner.lr": config.inner.lr, "inner.steps": config.inner.steps, "outer.lr": config.outer.lr,
+            "outer.meta_batch": config.outer.meta_batch, "outer.iterations": config.outer.iterations,
+            "pretrain.steps": config.pretrain.steps}
+
+
+HPARAMS = HParamsSpec(
+    names=("method", "seed", "data.dataset", "model.backbone", "data.ways", "data.shots", "inner.lr", "inner.steps",
+           "outer.lr", "outer.meta_batch", "outer.iterations", "pretrain.steps"),
+    metrics=(f"{VAL}/accuracy", f"{VAL}/best_accuracy", f"{TEST}/accuracy", f"{TEST}/ci95"),
+    values=run_hparams,
+)
+
+
+def describe_device(config: EpisodicConfig, device: torch.device, processes: int) -> str:
+    """The device line printed at the start: where the run runs and which options shape its cost."""
+    options = [text for text, on in (("tasks vectorized", config.outer.vectorize_tasks),
+                                     ("first-order", config.inner.first_order),
+                                     (f"{config.pretrain.steps} pre-training steps first", config.pretrain.steps > 0))
+               if on]
+    line = f"{config.method} on {device}" + (f" x {processes} processes" if processes > 1 else "")
+    return line + (f" ({', '.join(options)})" if options else "")
+
+
 def _optimizer(config: EpisodicConfig, learner: nn.Module):
     """Adam over the meta-parameters (the learned loss's networks at `outer.loss_lr` when set), cosine-annealed."""
     params = [p for p in learner.parameters() if p.requires_grad]
@@ -143,6 +171,8 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
     seed_everything(config.seed)
     learner = build_learner(config, in_shape).to(device)
     params, optimizer, scheduler = _optimizer(config, learner)
+    if ranks.is_main:
+        print(describe_device(config, device, ranks.size))
     state = {"iteration": 0, "best_val": -1.0, "best_iteration": 0, "wall_time": 0.0}
     if resume and run.checkpoint.is_file():
         restore(run.checkpoint, functools.partial(_load, learner, optimizer, scheduler, state, ranks.rank))
@@ -164,13 +194,22 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
     writer = EventWriter(run.events, purge_step=state["iteration"] + 1)
     total = config.outer.iterations
     bar = tqdm(total=total, initial=state["iteration"], disable=not (config.log.progress and ranks.is_main),
-               desc=config.method, dynamic_ncols=True)
-    started, times, postfix = time.time() - state["wall_time"], {"sample": 0.0, "step": 0.0}, {}
+               desc=config.method, dynamic_ncols=True, bar_format=BAR_FORMAT)
+    eta = RunEta()
+    meta_test = config.eval.test_tasks / config.eval.val_tasks  # the meta-test's cost in meta-validations
+
+    def remaining_time() -> str:
+        left = evaluations_left(total, config.eval.every, state["iteration"]) + meta_test
+        return eta.text(total - state["iteration"], left)
+
+    started, times = time.time() - state["wall_time"], {"sample": 0.0, "step": 0.0}
+    postfix = {"eta": remaining_time()}
     boundary = StepBoundary(stop, save, config.log.checkpoint_every, total)
-    timer = StepTimer(device, functools.partial(_report_estimate, config, samplers, learner, device, state))
+    timer = StepTimer(device, functools.partial(_report_estimate, config, samplers, learner, device, state, eta))
     if config.pretrain.steps and state["iteration"] == 0:
         blocks = pretrain_backbone(config, samplers["train"].data, in_shape, device, run, stop)
         backbone_of(learner).load_state_dict(blocks, strict=False)
+    eta.restart()
     try:
         while state["iteration"] < total:
             iteration = state["iteration"] + 1
@@ -183,10 +222,13 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
                                               norm, scheduler.get_last_lr()[0], times))
             if iteration % config.eval.every == 0 or iteration == total:
                 check_finite()
-                postfix["val"] = _validate(config, run, learner, accuracies, writer, state, iteration)
+                with eta.evaluation():
+                    postfix["val"] = _validate(config, run, learner, accuracies, writer, state, iteration)
             state["wall_time"] = time.time() - started
             timer.step_done()
             boundary(iteration)
+            eta.step_done()
+            postfix["eta"] = remaining_time()
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
     finally:
@@ -196,13 +238,15 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
 
 
 def _report_estimate(config: EpisodicConfig, samplers: dict[str, EpisodeSampler], learner: nn.Module,
-                     device: torch.device, state: dict[str, Any], seconds_per_iteration: float) -> None:
+                     device: torch.device, state: dict[str, Any], eta: RunEta, seconds_per_iteration: float) -> None:
     """Print, once, the projected wall time of the rest of the run: the meta-iterations left at the measured cost,
-    and the meta-validations and meta-test at the cost of one timed validation task."""
+    and the meta-validations and meta-test at the cost of one timed validation task (which the ETA then counts)."""
     episode = next(fixed_episodes(config, samplers["validation"], "validation", 1))
-    per_task = timed(device, lambda: evaluate(learner, [episode], config.eval_steps, device)) / world().size
-    total, every = config.outer.iterations, config.eval.every
-    validations = total // every - state["iteration"] // every + (total % every != 0)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        per_task = timed(device, lambda: evaluate(learner, [episode], config.eval_steps, device)) / world().size
+    eta.expect_evaluation(per_task * config.eval.val_tasks)
+    total = config.outer.iterations
+    validations = evaluations_left(total, config.eval.every, state["iteration"])
     parts = [(f"{total - state['iteration']} meta-iterations", seconds_per_iteration * (total - state["iteration"])),
              (f"{validations} meta-validations of {config.eval.val_tasks} tasks",
               per_task * validations * config.eval.val_tasks),
@@ -265,7 +309,8 @@ def _validate(config: EpisodicConfig, run: RunDir, learner: nn.Module, accuracie
               writer: EventWriter, state: dict[str, Any], iteration: int) -> str:
     """Meta-validate; keep the model in best.pt when it is the best so far. Returns the accuracy for the bar."""
     val_acc, _ = mean_ci95(accuracies("validation", config.eval.val_tasks))
-    writer.add_scalar("meta_val/accuracy", val_acc, iteration)
+    writer.add_scalar(f"{VAL}/accuracy", val_acc, iteration)
+    writer.add_scalar(f"{VAL}/best_accuracy", max(val_acc, state["best_val"]), iteration)
     _log_loss_shape(writer, learner, iteration)
     if val_acc > state["best_val"]:
         state.update(best_val=val_acc, best_iteration=iteration)
@@ -276,12 +321,13 @@ def _validate(config: EpisodicConfig, run: RunDir, learner: nn.Module, accuracie
 
 def _finish(config: EpisodicConfig, run: RunDir, learner: nn.Module, accuracies: Callable[[str, int], list[float]],
             writer: EventWriter, state: dict[str, Any]) -> dict[str, Any]:
-    """Meta-test the best model; write results.json and the hparams (main process); returns the results."""
+    """Meta-test the best model; write results.json (main process); returns the results."""
     ranks = world()
     barrier()  # rank 0 has written best.pt
     learner.load_state_dict(load_checkpoint(run.best_checkpoint)["learner"])
     test_acc, test_ci = mean_ci95(accuracies("test", config.eval.test_tasks))
-    writer.add_scalar("meta_test/accuracy", test_acc, state["iteration"])
+    writer.add_scalar(f"{TEST}/accuracy", test_acc, state["iteration"])
+    writer.add_scalar(f"{TEST}/ci95", test_ci, state["iteration"])
     writer.close()
     results = {
         "method": config.method, "test_accuracy": test_acc, "test_ci95": test_ci,
@@ -294,12 +340,6 @@ def _finish(config: EpisodicConfig, run: RunDir, learner: nn.Module, accuracies:
     if not ranks.is_main:
         return results
     write_results(run, results)
-    log_hparams(run.events, {
-        "method": config.method, "model.backbone": config.model.backbone, "data.dataset": config.data.dataset,
-        "data.ways": config.data.ways, "data.shots": config.data.shots, "outer.lr": config.outer.lr,
-        "inner.lr": config.inner.lr, "outer.iterations": config.outer.iterations, "seed": config.seed,
-    }, {"hparams/test_accuracy": test_acc, "hparams/test_ci95": test_ci,
-        "hparams/best_val_accuracy": state["best_val"]})
     print(f"{config.method}: meta-test accuracy {100 * test_acc:.2f} +- {100 * test_ci:.2f}% "
           f"({config.eval.test_tasks} tasks); results in {run.results}")
     return results
@@ -307,10 +347,10 @@ def _finish(config: EpisodicConfig, run: RunDir, learner: nn.Module, accuracies:
 
 def _log_train(writer: EventWriter, learner: nn.Module, iteration: int, loss: float, accuracy: float,
                grad_norm: float, lr: float, sampling_share: float) -> None:
-    writer.add_scalar("meta_train/loss", loss, iteration)
-    writer.add_scalar("meta_train/accuracy", accuracy, iteration)
-    writer.add_scalar("meta_train/grad_norm", grad_norm, iteration)
-    writer.add_scalar("meta_train/outer_lr", lr, iteration)
+    writer.add_scalar(f"{TRAIN}/loss", loss, iteration)
+    writer.add_scalar(f"{TRAIN}/accuracy", accuracy, iteration)
+    writer.add_scalar(f"{TRAIN}/grad_norm", grad_norm, iteration)
+    writer.add_scalar(f"{TRAIN}/outer_lr", lr, iteration)
     writer.add_scalar("time/sampling_share", sampling_share, iteration)
     inner_lrs = learner.inner_lrs()
     if inner_lrs is not None:

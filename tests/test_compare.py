@@ -30,9 +30,10 @@ def read_summary(out: Path) -> dict[str, dict[str, str]]:
         return {row["method"]: row for row in csv.DictReader(f)}
 
 
-def test_a_tiny_grid_runs_every_cell_and_writes_summaries_and_figures(tmp_path, shared_data) -> None:
+def test_a_tiny_grid_runs_every_cell_and_writes_summaries_and_figures(tmp_path, shared_data, capsys) -> None:
     out = tmp_path / "grid"
     assert run_grid(out, shared_data, ["mse", "adalfl"], ["0", "1"]) == 0
+    assert "[grid] no init_readouts.png: every run recorded its readouts once" in capsys.readouterr().out
     for cell in ("mse-seed0", "mse-seed1", "adalfl-seed0", "adalfl-seed1"):
         results = json.loads((out / cell / "results.json").read_text())
         assert results["method"] == cell.split("-")[0] and results["seed"] == int(cell[-1])
@@ -44,8 +45,8 @@ def test_a_tiny_grid_runs_every_cell_and_writes_summaries_and_figures(tmp_path, 
         assert row["metric"] == "test_mse" and row["n"] == "2"
         assert float(row["mean"]) == pytest.approx(sum(values) / 2)
     assert "| adalfl | test_mse | 2 |" in (out / "summary.md").read_text()
-    for figure in ("learning_curves.png", "readouts.png", "init_readouts.png", "loss_evolution_adalfl.png"):
-        assert (out / figure).stat().st_size > 1_000
+    for figure in ("learning_curves", "readouts", "loss_evolution_adalfl"):  # phase 1's 3 steps: one readout
+        assert (out / f"{figure}.png").stat().st_size > 1_000 and (out / f"{figure}.pdf").stat().st_size > 1_000
     assert not (out / "loss_evolution_mse.png").exists() and not (out / "accuracy.png").exists()
 
 
@@ -242,3 +243,43 @@ def test_a_grid_with_bad_cells_is_refused_before_any_cell_runs(tmp_path, capsys)
                  "deep: model.name = 'mlp3' is not valid", "no label 'nothing' in --methods",
                  "mse@optimizer.rl=0.1: unknown config key 'optimizer.rl'")
     assert not any(out.glob("*-seed*"))
+
+
+def test_confidence_intervals_are_t_intervals_over_the_seeds() -> None:
+    assert compare.ci95([1.0]) is None
+    assert compare.ci95([1.0, 2.0, 3.0]) == pytest.approx(4.303 / 3 ** 0.5)  # t(0.975, 2 dof) * std / sqrt(n)
+    assert compare.ci95([0.0, 1.0] * 16) == pytest.approx(2.042 * 0.508 / 32 ** 0.5, rel=1e-3)  # 31 dof: row 30
+
+
+def test_a_summary_has_intervals_compute_and_phase_1_and_its_figures_are_pdf_too(tmp_path, capsys) -> None:
+    """Two seeds of ce and ml3 that evaluated once: t-intervals of each mean and of the paired difference, phase 1's
+    steps, a message instead of an empty learning-curve figure, the loss's evolution of every seed."""
+    shape = {"prediction": [0.0, 0.5, 1.0], "y=1": [2.0, 0.7, 0.0], "y=0": [0.0, 0.7, 2.0]}
+    values = {"ce": (0.30, 0.34), "ml3": (0.27, 0.33)}
+    for label, per_seed in values.items():
+        for seed, value in enumerate(per_seed):
+            folder = tmp_path / f"{label}-seed{seed}"
+            folder.mkdir()
+            results = {"method": label, "seed": seed, "test_error": value, "test_error_at_best_val": value,
+                       "evaluations": 1, "compute_s": 2.0 if label == "ml3" else 1.0,
+                       "init_steps": 5 if label == "ml3" else 0,
+                       "history": [{"step": 10, "val_error": value, "test_error": value}]}
+            (folder / "results.json").write_text(json.dumps(results))
+            if label == "ml3":  # frozen after phase 1: one phase-2 shape
+                shapes = [{"phase": "init", "step": 5, **shape}, {"phase": "online", "step": 0, **shape}]
+                (folder / "loss_shapes.json").write_text(json.dumps(shapes))
+    (tmp_path / "grid.json").write_text(json.dumps({"baseline": "ce"}))
+    assert compare.main(["--out", str(tmp_path), "--summary-only"]) == 0
+    assert "[grid] no learning_curves.png: every run evaluated once" in capsys.readouterr().out
+    assert not (tmp_path / "learning_curves.png").exists()
+    for suffix, magic in ((".png", b"\x89PNG"), (".pdf", b"%PDF")):
+        assert (tmp_path / f"loss_evolution_ml3{suffix}").read_bytes().startswith(magic)
+    row = read_summary(tmp_path)["ml3"]
+    assert float(row["ci95_seeds"]) == pytest.approx(12.706 * (0.06 / 2 ** 0.5) / 2 ** 0.5)
+    diffs = [0.27 - 0.30, 0.33 - 0.34]
+    assert float(row["diff_final"]) == pytest.approx(sum(diffs) / 2)
+    assert float(row["diff_final_ci95"]) == pytest.approx(12.706 * abs(diffs[0] - diffs[1]) / 2 ** 0.5 / 2 ** 0.5)
+    assert row["init_steps"] == "5" and float(row["cost"]) == pytest.approx(2.0)
+    text = (tmp_path / "summary.md").read_text()
+    assert "| ml3 | test_error | 2 | 0.3000 ± 0.3812 |" in text and "| phase-1 steps |" in text
+    assert "-0.0200 ± 0.1271" in text  # the paired difference at the best validation evaluation and final

@@ -156,7 +156,7 @@ def test_two_ranks_train_like_one_process_and_record_the_world(tmp_path, shared_
     assert results[1]["per_rank_batch_size"] == 32
     assert results[1][metric] == pytest.approx(results[0][metric], rel=1e-4, abs=1e-4)
     assert "world_size: 2" in (tmp_path / "p2" / "config.yaml").read_text()
-    events = [list((tmp_path / f"p{n}" / "tensorboard").rglob("events.*")) for n in (1, 2)]
+    events = [list((tmp_path / f"p{n}").rglob("events.*")) for n in (1, 2)]
     assert len(events[1]) == len(events[0])
     assert len({f.name.split(".")[4] for f in events[1]}) == 1  # one process (rank 0) wrote them all
 

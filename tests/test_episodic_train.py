@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,13 +40,13 @@ def test_each_method_meta_trains_on_omniglot(config: str, shared_data: Path, tmp
     assert results["iterations"] == 2 and results["test_tasks"] == 3
     assert 0.0 <= results["test_accuracy"] <= 1.0 and results["test_ci95"] >= 0.0
     assert (folder / "best.pt").is_file() and (folder / "checkpoint.pt").is_file()
-    hparams, metrics = read_hparams(folder / "tensorboard")
+    hparams, metrics = read_hparams(folder)
     assert hparams["method"] == results["method"] and hparams["data.dataset"] == "omniglot"
     assert hparams["data.ways"] == 5 and hparams["outer.iterations"] == 2 and hparams["seed"] == 0
-    assert metrics["hparams/test_accuracy"] == pytest.approx(results["test_accuracy"], rel=1e-6)
-    assert metrics["hparams/best_val_accuracy"] == pytest.approx(results["best_val_accuracy"], rel=1e-6)
+    assert metrics["3_test/accuracy"] == pytest.approx(results["test_accuracy"], rel=1e-6)
+    assert metrics["2_val/best_accuracy"] == pytest.approx(results["best_val_accuracy"], rel=1e-6)
     if config == "npbml_omniglot_5w1s.yaml":  # does the task-adaptive loss learn: its terms' sizes and gradients
-        tags = set(EventAccumulator(str(folder / "tensorboard")).Reload().Tags()["scalars"])
+        tags = set(EventAccumulator(str(folder)).Reload().Tags()["scalars"])
         assert {"learned_loss/support_over_ce", "learned_loss/regulariser_grad_over_ce",
                 "learned_loss/regulariser_meta_grad_norm"} <= tags
 
@@ -167,3 +168,19 @@ def test_threads_are_set_before_training(tmp_path: Path, monkeypatch: pytest.Mon
     code, folder = run("npbml_omniglot_5w1s.yaml", tmp_path, tmp_path, "t0", "threads=0")
     expect_one_line_error(capsys, code, "threads = 0 must be at least 1")
     assert not folder.exists()
+
+
+def test_an_episodic_run_prints_its_device_estimate_and_at_a_stop_the_command_that_continues_it(
+        shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from test_train_single_task import StopAfter
+
+    overrides = [arg for value in (*TINY, "name=stopped", "outer.iterations=14", "eval.every=7")
+                 for arg in ("--set", value)]
+    code = train.main(["--config", "configs/maml_omniglot_5w1s.yaml", "--runs-root", str(tmp_path),
+                       "--data-root", str(shared_data), *overrides], StopAfter(13))
+    out = capsys.readouterr()
+    folder = tmp_path / "stopped"
+    assert code == 130 and f"run folder: {folder} (new;" in out.out and "maml on cpu" in out.out
+    assert re.search(r"estimate on cpu: \d+ meta-iterations ~", out.out), out.out
+    assert "1 meta-validations of 2 tasks ~" in out.out and "meta-test on 3 tasks ~" in out.out
+    assert f"continue with python train.py --resume {folder}\n" in out.err, out.err

@@ -187,9 +187,9 @@ def test_a_searched_run_writes_its_expression_search_record_and_loss_shape(tmp_p
     assert parse(results["evomal_tree"])  # the tree's string is DEAP's and parses back
     shapes = json.loads((run / "loss_shapes.json").read_text())
     assert shapes[0]["phase"] == "online" and all(math.isfinite(v) for v in shapes[0]["y=1"])
-    assert f"evomal/best_val_{metric}" in scalar_tags(run / "tensorboard" / "search")
-    assert "analysis/grad_norm_ratio" in scalar_tags(run / "tensorboard")
-    events = EventAccumulator(str(run / "tensorboard" / "search"))
+    assert f"evomal/best_val_{metric}" in scalar_tags(run / "search")
+    assert "analysis/grad_norm_ratio" in scalar_tags(run)
+    events = EventAccumulator(str(run / "search"))
     events.Reload()
     assert "evomal/best_loss/text_summary" in events.Tags()["tensors"]
 

@@ -90,4 +90,4 @@ def test_meta_training_starts_from_the_pretrained_blocks(tmp_path, shared_data, 
     # one meta-step at a negligible outer lr: the meta-learner's first block is the pre-trained one
     torch.testing.assert_close(learners["pretrained"][key], pretrained["model"]["blocks.0.unit.conv.weight"])
     assert not torch.allclose(learners["plain"][key], learners["pretrained"][key])
-    assert (Path(tmp_path) / "pretrained" / "tensorboard" / "pretrain").is_dir()
+    assert (Path(tmp_path) / "pretrained" / "pretrain").is_dir()

@@ -52,7 +52,7 @@ def test_learned_loss_runs_log_the_readouts_at_the_scalar_cadence(tmp_path, shar
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [r["step"] for r in results["readouts"]] == [4, 8, 12, 16, 20, 24]
     assert all(r["grad_norm_ratio"] > 0 and -2 <= r["argmin_p_y1"] <= 3 for r in results["readouts"])
-    assert {"analysis/grad_norm_ratio", "analysis/argmin_p_y1"} <= scalar_tags(tmp_path / "run" / "tensorboard")
+    assert {"analysis/grad_norm_ratio", "analysis/argmin_p_y1"} <= scalar_tags(tmp_path / "run")
 
 
 def test_handcrafted_runs_have_no_readouts(tmp_path, shared_data) -> None:
@@ -69,4 +69,4 @@ def test_phase_1_records_what_the_first_online_step_would_see(tmp_path, shared_d
     assert [r["step"] for r in results["init_readouts"]] == [4]  # 6 offline steps, scalars every 4
     assert all(r["grad_norm_ratio"] > 0 and 0.1 <= r["confidence"] <= 1 for r in results["init_readouts"])
     assert all(0.1 <= r["confidence"] <= 1 for r in results["readouts"])
-    assert {"analysis/grad_norm_ratio", "analysis/confidence"} <= scalar_tags(tmp_path / "run" / "tensorboard" / "init")
+    assert {"phase1/grad_norm_ratio", "phase1/confidence"} <= scalar_tags(tmp_path / "run" / "phase1")

@@ -58,15 +58,16 @@ def test_each_method_trains_and_writes_its_run_folder(tmp_path, shared_data, con
     assert checkpoint["step"] == 24
     assert (run / "config.yaml").read_text().startswith("method:")
 
-    tags = scalar_tags(run / "tensorboard")
-    expected = {"train/task_loss", "train/lr", "val/loss", "test/loss", f"val/{metric[5:]}", f"test/{metric[5:]}"}
+    tags = scalar_tags(run)
+    expected = {"1_train/task_loss", "1_train/lr", "2_val/loss", "3_test/loss", f"2_val/{metric[5:]}",
+                f"3_test/{metric[5:]}"}
     if not config.startswith(("ce", "mse")):
-        expected |= {"train/learned_loss", "image:learned_loss/shape"}
-        assert "init/meta_loss" in scalar_tags(run / "tensorboard" / "init")
+        expected |= {"1_train/learned_loss", "image:learned_loss/shape"}
+        assert {"phase1/meta_loss", "image:phase1/loss_shape"} <= scalar_tags(run / "phase1")
         shapes = json.loads((run / "loss_shapes.json").read_text())
         assert shapes[0]["phase"] == "init" and len(shapes[0]["y=1"]) == len(shapes[0]["prediction"])
     if config.startswith("adalfl"):
-        expected |= {"train/meta_loss", "train/meta_grad_norm"}
+        expected |= {"1_train/meta_loss", "1_train/meta_grad_norm"}
     assert expected <= tags
 
 
@@ -266,7 +267,7 @@ def test_a_run_that_overfits_reports_the_test_metric_at_its_best_validation_eval
     assert results["evaluations"] == 12 and results["best_val_step"] == best["step"] < 600
     assert results["best_val_mse"] == best["val_mse"] and results["test_mse_at_best_val"] == best["test_mse"]
     assert results["test_mse_at_best_val"] < results["test_mse"] - 0.02
-    assert "test/mse_at_best_val" in scalar_tags(tmp_path / "overfit" / "tensorboard")
+    assert "3_test/mse_at_best_val" in scalar_tags(tmp_path / "overfit")
 
 
 def test_a_non_finite_stop_names_the_phase_of_its_step(tmp_path, shared_data, capsys) -> None:
