@@ -31,7 +31,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: Literal[BACKBONES] = "conv4"  # the model registry's episodic backbones
-    filters: int = 64  # conv4: every block; resnet12: the first block (x2.5, x5, x10 after)
+    filters: int = 64  # conv4: every block; resnet12: the first block (x2, x4, x8 after)
     # NPBML: blocks (from the top) adapted in the inner loop, with warp and FiLM layers; the blocks
     # below are meta-learned but fixed in the inner loop. null: all four (maml / metasgd always adapt all).
     adapted_blocks: int | None = None

@@ -27,20 +27,20 @@ META_ONLY_LAYERS = ("warps", "film")  # parameter-name parts of the layers fixed
 
 
 class ConvUnit(nn.Module):
-    """conv3x3 -> BN -> [FiLM conditioned on the unit's input pooled over the batch] -> activation."""
+    """conv3x3 -> BN -> [FiLM conditioned on the unit's input pooled over the batch] -> [ReLU]."""
 
-    def __init__(self, cin: int, cout: int, film: bool, slope: float = 0.0) -> None:
+    def __init__(self, cin: int, cout: int, film: bool, relu: bool = True) -> None:
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, 3, padding=1)
         self.norm = nn.BatchNorm2d(cout, track_running_stats=False)
         self.film = FiLM(cin, cout) if film else None
-        self.slope = slope
+        self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.norm(self.conv(x))
         if self.film is not None:
             z = self.film(z, x.mean(dim=(0, 2, 3)))
-        return F.leaky_relu(z, self.slope) if self.slope else F.relu(z)
+        return F.relu(z) if self.relu else z
 
 
 class ConvBlock(nn.Module):
@@ -55,11 +55,12 @@ class ConvBlock(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """Three conv units (leaky ReLU 0.1) with a 1x1-conv shortcut, then 2x2 max pooling."""
+    """Three conv units, the third without its ReLU, added to a 1x1-conv shortcut, then ReLU and 2x2 max pooling
+    (the reference's `adaresnet.py` block)."""
 
     def __init__(self, cin: int, cout: int, film: bool) -> None:
         super().__init__()
-        self.units = nn.ModuleList(ConvUnit(a, cout, film, slope=0.1) for a in (cin, cout, cout))
+        self.units = nn.ModuleList(ConvUnit(a, cout, film, relu=i < 2) for i, a in enumerate((cin, cout, cout)))
         self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False),
                                       nn.BatchNorm2d(cout, track_running_stats=False))
 
@@ -67,7 +68,7 @@ class ResBlock(nn.Module):
         out = x
         for unit in self.units:
             out = unit(out)
-        return F.max_pool2d(F.leaky_relu(out + self.shortcut(x), 0.1), 2)
+        return F.max_pool2d(F.relu(out + self.shortcut(x)), 2)
 
 
 class Backbone(nn.Module):
@@ -126,8 +127,9 @@ def conv4(in_shape: tuple[int, ...], ways: int, filters: int = 64, adapted_block
 
 def resnet12(in_shape: tuple[int, ...], ways: int, filters: int = 64, adapted_blocks: int | None = None,
              warp: bool = False, film: bool = False) -> Backbone:
-    """ResNet-12: four residual blocks of filters x (1, 2.5, 5, 10) channels; global pooling, a linear head."""
-    widths = [in_shape[0]] + [int(filters * m) for m in (1, 2.5, 5, 10)]
+    """ResNet-12: four residual blocks of filters x (1, 2, 4, 8) channels (64-128-256-512, the reference's
+    `AdaResNet`); global pooling, a linear head."""
+    widths = [in_shape[0]] + [filters * m for m in (1, 2, 4, 8)]
     return Backbone(ResBlock, widths, widths[-1], ways, adapted_blocks, warp, film, global_pool=True)
 
 

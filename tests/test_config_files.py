@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def test_a_bad_base_is_one_clear_error(tmp_path, files, fragment) -> None:
 
 DATASETS = {"omniglot": "omniglot", "miniimagenet": "mini_imagenet", "cifarfs": "cifarfs", "fc100": "fc100",
             "tieredimagenet": "tieredimagenet"}
-EPISODIC = re.compile(r"(npbml|maml|metasgd)_([a-z0-9]+)_(\d+)w(\d+)s(?:_(conv4|resnet12))?\.yaml")
+EPISODIC = re.compile(r"(npbml|maml|metasgd)_([a-z0-9]+)_(\d+)w(\d+)s(?:_(conv4|resnet12))?(?:_cpu)?\.yaml")
 NAMED = sorted(p.name for p in Path("configs").glob("*.yaml") if EPISODIC.fullmatch(p.name))
 
 
@@ -60,3 +61,20 @@ def test_an_episodic_config_holds_what_its_name_says(name) -> None:
     assert config.method == method and config.data.dataset == DATASETS[dataset]
     assert (config.data.ways, config.data.shots) == (int(ways), int(shots))
     assert config.model.backbone == (backbone or "conv4")
+
+
+@pytest.mark.parametrize("name", [n for n in NAMED if n.endswith("_cpu.yaml")])
+def test_a_cpu_config_differs_from_its_paper_config_only_in_budget(name) -> None:
+    cpu, _ = resolve_config(load_yaml(Path("configs") / name), FAMILIES)
+    paper, _ = resolve_config(load_yaml(Path("configs") / name.replace("_cpu", "")), FAMILIES)
+    assert (cpu.outer.iterations, cpu.outer.meta_batch) == (2000, 4)
+    assert dataclasses.replace(cpu, outer=paper.outer) == paper
+
+
+@pytest.mark.parametrize("name", [n for n in NAMED if not n.endswith("_cpu.yaml")])
+def test_paper_configs_take_the_references_schedule_and_meta_batch(name) -> None:
+    """60,000 meta-iterations; meta-batch 32 on Omniglot (its data set config), else 4 for 1-shot and 2 for
+    5-shot (the reference's run.sh, both backbones)."""
+    config, _ = resolve_config(load_yaml(Path("configs") / name), FAMILIES)
+    expected = 32 if config.data.dataset == "omniglot" else {1: 4, 5: 2}[config.data.shots]
+    assert (config.outer.iterations, config.outer.meta_batch) == (60000, expected)

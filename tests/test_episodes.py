@@ -69,6 +69,11 @@ def test_omniglot_split_is_vinyals(shared_data: Path) -> None:
     assert gurmukhi == ["character42", "character43", "character44", "character45"]
     assert {folders[i].parent.name for i in split["validation"]} == set(VALIDATION_ALPHABETS)
     assert not {folders[i].parent.name for i in split["train"]} & set(VALIDATION_ALPHABETS)
+    # torchmeta's train.json: every background alphabet but the five, and the evaluation set's first 236 characters
+    train_evaluation = [folders[i] for i in split["train"] if folders[i].parent.parent.name == "images_evaluation"]
+    assert len(train_evaluation) == 236 and {f.parent.name for f in train_evaluation} == {
+        "Angelic", "Atemayar_Qelisayer", "Atlantean", "Aurek-Besh", "Avesta", "Ge_ez", "Glagolitic", "Gurmukhi"}
+    assert max(f.name for f in train_evaluation if f.parent.name == "Gurmukhi") == "character41"
 
 
 def test_omniglot_episodes(omniglot: dict[str, ImageClasses]) -> None:

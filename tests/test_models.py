@@ -89,3 +89,20 @@ def test_mlp_is_the_authors_xavier_mlp_and_the_torch_init_one_keeps_its_name() -
     first = authors[1]
     assert (first.bias == 0).all() and first.weight.abs().max() <= (6 / (10 + 1000)) ** 0.5
     assert not (torch_init[1].bias == 0).all()
+
+
+def test_episodic_backbones_have_the_references_widths_and_activations() -> None:
+    """ResNet-12 is the reference's AdaResNet: 64-128-256-512 channels, ReLU, the third unit of a block without its
+    own ReLU (it follows the shortcut's sum); 4-CONV at 128 filters is its adaconv128 width (0.82M parameters)."""
+    resnet = build_model("resnet12", (3, 84, 84), 5)
+    assert [block.units[0].conv.out_channels for block in resnet.blocks] == [64, 128, 256, 512]
+    assert [[unit.relu for unit in block.units] for block in resnet.blocks] == [[True, True, False]] * 4
+    block, x = resnet.blocks[1], torch.randn(4, 64, 8, 8)
+    out = x
+    for unit in block.units:
+        out = unit(out)
+    expected = torch.nn.functional.max_pool2d(torch.relu(out + block.shortcut(x)), 2)
+    torch.testing.assert_close(block(x), expected)
+    assert (out < 0).any()  # the third unit's output is not rectified before the sum
+    wide = build_model("conv4", (3, 84, 84), 5, filters=128, adapted_blocks=2, warp=True, film=True)
+    assert round(sum(p.numel() for p in wide.parameters()) / 1e6, 2) == 0.82
