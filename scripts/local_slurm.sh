@@ -44,6 +44,9 @@ ClusterName=local
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
+# a requeued job waits cred_expire seconds before it starts again (120 by default; a job started sooner on the
+# same node is killed with "Job credential revoked")
+AuthInfo=cred_expire=15
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
