@@ -20,8 +20,8 @@ the baseline's others at the chosen value). Then <out> gets summary.csv and summ
 per-seed values, the paired difference to the baseline with its 95% t-interval, the training compute and phase 1's
 steps; the mean reported 95% CI where the runs report one) and figures, each a PNG and a PDF:
 learning_curves, readouts, init_readouts (phase 1), loss_evolution_<label> (every seed, or
---loss-evolution-seed's), accuracy. --jobs N runs N cells at once as separate processes (each with
-cores / N threads, its output in <out>/logs/). --launcher slurm runs each cell as a SLURM job instead (submitit;
+--loss-evolution-seed's), loss_terms_<label> (NPBML: its learned terms, read from the cells' events), accuracy.
+--jobs N runs N cells at once as separate processes (each with cores / N threads, its output in <out>/logs/). --launcher slurm runs each cell as a SLURM job instead (submitit;
 engine/slurm_launcher.py): the sweep's cells first, the others after its choice, a preempted or timed-out cell
 requeued and resumed; a cell whose config sets processes: N runs under torchrun with N processes.
 
@@ -54,6 +54,7 @@ from adalfl.methods import METHOD_COLOURS, METHOD_SPECS
 from engine import figures
 from engine.config import apply_override, load_yaml
 from engine.errors import ConfigError
+from engine.events import scalar_series
 from engine.experiment import resolve_config
 from engine.run_dir import RunDir, write_text_atomic
 from engine.run_loop import Stop
@@ -63,6 +64,7 @@ from engine.slurm_launcher import RunCommand, SlurmLauncher, SlurmOptions, descr
 FINAL_METRICS = ("test_error", "test_mse", "test_accuracy")  # the first one a results.json holds is reported
 METHOD_ORDER = tuple(METHOD_SPECS)
 SWEEP_FILE = "sweep.json"
+LOSS_TERMS = "learned_loss/"  # the episodic trainer's tags of the learned loss's terms (npbml/meta_trainer.py)
 SLURM_FOLDER = "slurm"  # in <out>: the SLURM jobs' logs and submitit's files
 SLURM_FLAGS = {"slurm_partition": "--slurm-partition", "slurm_time": "--slurm-time", "gpus_per_cell": "--gpus-per-cell",
                "cpus_per_cell": "--cpus-per-cell", "slurm_options": "--slurm-option", "dry_run": "--dry-run"}
@@ -543,6 +545,11 @@ def write_figures(out: Path, groups: dict[str, list[tuple[Path, dict[str, Any]]]
         shapes = {seed: json.loads(path.read_text()) for seed, path in shapes.items() if path.is_file()}
         if shapes:
             written.extend(figures.loss_evolution(shapes, label, out / f"loss_evolution_{label}.png"))
+    for label, cells in groups.items():  # episodic cells: the learned loss's terms, from their events
+        terms = [scalar_series(folder, LOSS_TERMS) for folder, r in cells if "test_accuracy" in r]
+        if terms and len(terms) == len(cells) and all(terms):
+            draw(f"loss_terms_{label}.png", lambda terms=terms, label=label: figures.loss_terms(
+                terms, label, out / f"loss_terms_{label}.png"))
     accuracy = [r for r in rows if r["metric"] == "test_accuracy"]
     if accuracy:
         written.extend(figures.accuracy_bars(accuracy, out / "accuracy.png"))

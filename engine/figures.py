@@ -174,6 +174,35 @@ def loss_evolution(shapes_by_seed: Mapping[int, Sequence[Mapping[str, Any]]], la
     return _save(figure, path)
 
 
+def loss_terms(runs: Sequence[Series], label: str, path: Path) -> list[Path]:
+    """NPBML's learned-loss terms against meta-iterations, each relative to cross-entropy at the initialisation:
+    the term's value and its gradient's norm in the adapted parameters (geometric mean over seeds with a band,
+    log axes; 1 is CE's own size). NothingToDraw when the runs logged the terms fewer than twice."""
+    terms = sorted({key.removesuffix("_grad_over_ce") for run in runs for r in run for key in r
+                    if key.endswith("_grad_over_ce")})
+    if not terms or min(len(run) for run in runs) < 2:
+        raise NothingToDraw("the runs logged the learned loss's terms fewer than twice (learned_loss/*_over_ce "
+                            "every log.every meta-iterations); run longer or lower log.every")
+    figure = Figure(figsize=(WIDTH, PANEL_HEIGHT + 0.4))
+    axes = figure.subplots(1, 2, sharey=True)
+    colours = label_colours(terms, {})
+    for axis, (suffix, title) in zip(axes, (("over_ce", "term / CE"), ("grad_over_ce", "‖∇ term‖ / ‖∇ CE‖")),
+                                     strict=True):
+        positive = {term: [[{"step": r["step"], "v": max(r[f"{term}_{suffix}"], 1e-12)} for r in run
+                            if f"{term}_{suffix}" in r] for run in runs] for term in terms}
+        _bands(axis, positive, "v", log=True, colours=colours)
+        axis.axhline(1.0, color="black", linestyle=":", linewidth=1, label="cross-entropy")
+        log_scale(axis)
+        axis.set_xlabel("meta-iterations")
+        axis.set_title(title, fontsize="medium")
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{label}: the learned loss's terms at the initialisation, relative to cross-entropy",
+                    fontsize="medium")
+    handles, names = axes[0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="lower center", ncol=len(names), fontsize="small")
+    return _save(figure, path, rect=(0, 0.12, 1, 1))
+
+
 def accuracy_bars(rows: Sequence[Mapping[str, Any]], path: Path) -> list[Path]:
     """Mean test accuracy per method or ablation with its 95% confidence interval as error bars."""
     figure = Figure(figsize=(min(WIDTH, max(3.5, 0.8 * len(rows) + 1.5)), PANEL_HEIGHT))

@@ -283,3 +283,39 @@ def test_a_summary_has_intervals_compute_and_phase_1_and_its_figures_are_pdf_too
     text = (tmp_path / "summary.md").read_text()
     assert "| ml3 | test_error | 2 | 0.3000 ± 0.3812 |" in text and "| phase-1 steps |" in text
     assert "-0.0200 ± 0.1271" in text  # the paired difference at the best validation evaluation and final
+
+
+def test_episodic_cells_get_a_figure_of_their_learned_loss_terms_read_from_their_events(tmp_path, capsys) -> None:
+    """The learned loss's terms (learned_loss/*_over_ce, logged by the episodic trainer) are read back from each
+    cell's events, in the run folder or a legacy tensorboard/ one, and drawn per label; a label whose cells logged
+    no terms gets no figure, and one logged once gets a message instead of an empty figure."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from engine.events import scalar_series
+
+    def cell(name: str, seed: int, steps: list[int], legacy: bool = False) -> Path:
+        folder = tmp_path / name
+        (folder / "results.json").parent.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"method": "npbml", "seed": seed, "test_accuracy": 0.6,
+                                                         "test_ci95": 0.01}))
+        with SummaryWriter(folder / "tensorboard" if legacy else folder) as writer:
+            for step in steps:
+                writer.add_scalar("learned_loss/query_over_ce", 0.1 * step, step)
+                writer.add_scalar("learned_loss/query_grad_over_ce", 0.2 * step, step)
+                writer.add_scalar("1_train/loss", 1.0, step)
+        return folder
+
+    first = cell("npbml-seed0", 0, [10, 20])
+    cell("npbml-seed1", 1, [10, 20], legacy=True)
+    cell("once-seed0", 0, [10])
+    (tmp_path / "no_loss-seed0").mkdir()
+    (tmp_path / "no_loss-seed0" / "results.json").write_text(json.dumps({"method": "maml", "seed": 0,
+                                                                         "test_accuracy": 0.5}))
+    records = scalar_series(first, "learned_loss/")
+    assert [r["step"] for r in records] == [10, 20]
+    assert records[1] == pytest.approx({"step": 20, "query_over_ce": 2.0, "query_grad_over_ce": 4.0})
+    assert compare.main(["--out", str(tmp_path), "--summary-only"]) == 0
+    printed = capsys.readouterr().out
+    assert (tmp_path / "loss_terms_npbml.png").stat().st_size > 1_000 and (tmp_path / "loss_terms_npbml.pdf").is_file()
+    assert "no loss_terms_once.png: the runs logged the learned loss's terms fewer than twice" in printed
+    assert not (tmp_path / "loss_terms_once.png").exists() and not (tmp_path / "loss_terms_no_loss.png").exists()
