@@ -21,9 +21,10 @@ per-seed values, the paired difference to the baseline with its 95% t-interval, 
 steps; the mean reported 95% CI where the runs report one) and figures, each a PNG and a PDF:
 learning_curves, readouts, init_readouts (phase 1), loss_evolution_<label> (every seed, or
 --loss-evolution-seed's), loss_terms_<label> (NPBML: its learned terms, read from the cells' events), accuracy.
---jobs N runs N cells at once as separate processes (each with cores / N threads, its output in <out>/logs/). --launcher slurm runs each cell as a SLURM job instead (submitit;
-engine/slurm_launcher.py): the sweep's cells first, the others after its choice, a preempted or timed-out cell
-requeued and resumed; a cell whose config sets processes: N runs under torchrun with N processes.
+--jobs N runs N cells at once as separate processes (each with cores / N threads, its output in <out>/logs/).
+--launcher slurm runs each cell as a SLURM job instead (submitit; engine/slurm_launcher.py): the sweep's cells
+first, the others after its choice, a preempted or timed-out cell requeued and resumed; a cell whose config sets
+processes: N runs under torchrun with N processes.
 
     python compare.py --config configs/adalfl_mnist.yaml --methods ce adalfl --seeds 0 1 2 --out runs/grid_mnist \\
         --launcher slurm --slurm-partition gpu --slurm-time 240 --gpus-per-cell 1 --cpus-per-cell 8 --dry-run
