@@ -103,22 +103,35 @@ class EvalConfig:
 
 @dataclass
 class PretrainConfig:
-    """Backbone pre-training before meta-training (the reference's `pretrained_backbone: True`; its run:
-    200,000 steps at batch 128): the backbone's blocks with a temporary head over every meta-training class,
-    trained as an ordinary classifier on the meta-training split only (SGD, cosine-annealed lr); meta-training
-    then starts from those blocks. `steps: 0` skips it."""
+    """Backbone pre-training before meta-training, as the reference's `run_pretraining.py` does it (its NPBML
+    runs: `pretrained_backbone: True`, 200,000 steps at batch 128): the backbone's blocks with a temporary head
+    over every meta-training class, trained as an ordinary classifier on the meta-training split; the blocks with
+    the best prototype accuracy on `val_tasks` meta-validation tasks, measured every `validate_every` steps, are
+    the ones meta-training starts from. `steps: 0` skips it. `optimizer`, `lr`, `milestones` left null take the
+    reference's for the backbone: 4-CONV Adam 1e-3 (x0.1 at 200,000), ResNet-12 SGD 0.1 with momentum and
+    Nesterov (x0.1 at 80k, 100k, 110k, 120k). `augment`: on RGB data sets, the reference's RandomResizedCrop,
+    ColorJitter(0.4, 0.4, 0.4) and horizontal flip (never on grayscale ones: none on Omniglot there)."""
 
     steps: int = 0
     batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
+    optimizer: Literal["adam", "sgd"] | None = None
+    lr: float | None = None
+    milestones: list[int] | None = None
+    gamma: float = 0.1  # the lr factor at each milestone
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = True  # SGD only
     weight_decay: float = 0.0005
+    augment: bool = True
+    validate_every: int = 500
+    val_tasks: int = 600
 
     def __post_init__(self) -> None:
         require(self.steps >= 0, f"pretrain.steps = {self.steps} must be at least 0 (0 skips pre-training)")
-        require(self.batch_size >= 1, f"pretrain.batch_size = {self.batch_size} must be at least 1")
-        require(self.lr > 0, f"pretrain.lr = {self.lr} must be positive")
+        for key in ("batch_size", "validate_every", "val_tasks"):
+            require(getattr(self, key) >= 1, f"pretrain.{key} = {getattr(self, key)} must be at least 1")
+        require(self.lr is None or self.lr > 0, f"pretrain.lr = {self.lr} must be positive (or null)")
+        require(self.milestones is None or all(m >= 1 for m in self.milestones),
+                f"pretrain.milestones = {self.milestones} must be steps of at least 1 (or null)")
 
 
 @dataclass

@@ -207,7 +207,8 @@ def train(config: EpisodicConfig, run: RunDir, data_root: Path, resume: bool, st
     boundary = StepBoundary(stop, save, config.log.checkpoint_every, total)
     timer = StepTimer(device, functools.partial(_report_estimate, config, samplers, learner, device, state, eta))
     if config.pretrain.steps and state["iteration"] == 0:
-        blocks = pretrain_backbone(config, samplers["train"].data, in_shape, device, run, stop)
+        blocks = pretrain_backbone(config, samplers["train"].data, samplers["validation"], in_shape, device, run,
+                                   stop)
         backbone_of(learner).load_state_dict(blocks, strict=False)
     eta.restart()
     try:

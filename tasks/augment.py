@@ -1,10 +1,11 @@
-"""Training-time image augmentation, vectorised over a batch and driven by an explicit generator."""
+"""Training-time image augmentation, replayable: driven by an explicit generator or seed."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.transforms import v2
 
 
 def random_crop_flip(images: Tensor, padding: int, flip: bool, generator: torch.Generator) -> Tensor:
@@ -29,3 +30,15 @@ def random_crop_flip(images: Tensor, padding: int, flip: bool, generator: torch.
     batch = torch.arange(b, device=device)[:, None, None, None]
     channel = torch.arange(c, device=device)[None, :, None, None]
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def reference_pretraining_augment(images: Tensor, seed: int) -> Tensor:
+    """The reference's pre-training transforms for RGB sets, each image its own draw: RandomResizedCrop back to
+    the images' size, ColorJitter(brightness, contrast, saturation 0.4), RandomHorizontalFlip. `images` (B, 3, H, W)
+    float in [0, 1] (before any normalisation, as there). The draws come from torch's generator seeded with `seed`
+    inside a fork of its state, so they replay exactly and the global state is untouched."""
+    transform = v2.Compose([v2.RandomResizedCrop(tuple(images.shape[-2:]), antialias=True),
+                            v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4), v2.RandomHorizontalFlip()])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack([transform(image) for image in images])

@@ -65,10 +65,11 @@ def test_an_episodic_config_holds_what_its_name_says(name) -> None:
 
 @pytest.mark.parametrize("name", [n for n in NAMED if n.endswith("_cpu.yaml")])
 def test_a_cpu_config_differs_from_its_paper_config_only_in_budget(name) -> None:
+    """2,000 meta-iterations at meta-batch 4, no pre-training; nothing else differs."""
     cpu, _ = resolve_config(load_yaml(Path("configs") / name), FAMILIES)
     paper, _ = resolve_config(load_yaml(Path("configs") / name.replace("_cpu", "")), FAMILIES)
-    assert (cpu.outer.iterations, cpu.outer.meta_batch) == (2000, 4)
-    assert dataclasses.replace(cpu, outer=paper.outer) == paper
+    assert (cpu.outer.iterations, cpu.outer.meta_batch, cpu.pretrain.steps) == (2000, 4, 0)
+    assert dataclasses.replace(cpu, outer=paper.outer, pretrain=paper.pretrain) == paper
 
 
 @pytest.mark.parametrize("name", [n for n in NAMED if not n.endswith("_cpu.yaml")])
@@ -78,3 +79,16 @@ def test_paper_configs_take_the_references_schedule_and_meta_batch(name) -> None
     config, _ = resolve_config(load_yaml(Path("configs") / name), FAMILIES)
     expected = 32 if config.data.dataset == "omniglot" else {1: 4, 5: 2}[config.data.shots]
     assert (config.outer.iterations, config.outer.meta_batch) == (60000, expected)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMED if not n.endswith("_cpu.yaml")]
+                         + sorted(p.name for p in Path("configs").glob("npbml_ablation_*.yaml")))
+def test_paper_configs_pretrain_npbml_as_the_reference_does(name) -> None:
+    """NPBML from a backbone pre-trained 200,000 steps at batch 128 (`pretrained_backbone: True`), inner lr 0.01
+    (npbml_config) but 0.1 on Omniglot (its data set config); MAML and Meta-SGD from scratch (maml_config)."""
+    config, _ = resolve_config(load_yaml(Path("configs") / name), FAMILIES)
+    npbml = config.method == "npbml"
+    assert (config.pretrain.steps, config.pretrain.batch_size) == ((200_000 if npbml else 0), 128)
+    assert (config.pretrain.optimizer, config.pretrain.lr, config.pretrain.milestones) == (None, None, None)
+    if npbml:
+        assert config.inner.lr == (0.1 if config.data.dataset == "omniglot" else 0.01)

@@ -19,7 +19,7 @@ from npbml.config import EpisodicConfig
 
 TINY = ["model.filters=8", "data.query=2", "inner.steps=1", "outer.iterations=2", "outer.meta_batch=2",
         "eval.every=2", "eval.val_tasks=2", "eval.test_tasks=3", "log.every=1", "log.checkpoint_every=2",
-        "log.progress=false", "threads=1"]
+        "log.progress=false", "threads=1", "pretrain.steps=0"]
 
 
 def run(config: str, runs: Path, data_root: Path, name: str, *extra: str) -> tuple[int, Path]:
