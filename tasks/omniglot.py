@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from multiprocessing import Pool
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +80,9 @@ def load_omniglot(root: Path, cache_dir: Path = CACHE_DIR, workers: int = 2) -> 
     if cache.is_file():
         return torch.load(cache, weights_only=True)
     try:
-        with Pool(workers) as pool:
+        # forkserver: workers start from a clean process, not a fork of this one and its threads (TensorBoard's
+        # writer, torch's pools), which can leave a fork holding a lock and hang the decode
+        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
             images = pool.map(_decode, flat, chunksize=256)
     except OSError as exc:
         raise DataError(f"cannot decode an Omniglot PNG under {root}: {exc}") from None
