@@ -201,9 +201,12 @@ def test_a_two_rank_run_stopped_on_one_rank_resumes_to_the_uninterrupted_result(
 
 @pytest.mark.slow
 def test_episodic_meta_test_under_torchrun_equals_one_process(tmp_path, shared_data) -> None:
+    """Meta-test and pre-training validation (5 tasks: 3 on one rank, 2 on the other; at a negligible pre-training lr
+    the blocks barely move, so both worlds validate the same blocks)."""
     extra = ["--set", "device=cpu", "--set", "threads=1", "--set", "outer.iterations=2", "--set",
              "outer.meta_batch=2", "--set", "eval.every=2", "--set", "eval.val_tasks=6", "--set",
-             "eval.test_tasks=10", "--set", "model.filters=8"]
+             "eval.test_tasks=10", "--set", "model.filters=8", "--set", "pretrain.steps=2", "--set",
+             "pretrain.batch_size=16", "--set", "pretrain.val_tasks=5", "--set", "pretrain.lr=1e-12"]
     for processes in (1, 2):
         done = run_train(processes, "--config", str(REPO / "configs" / "maml_omniglot_5w1s.yaml"), "--runs-root",
                          str(tmp_path), "--data-root", str(shared_data), "--set", f"name=p{processes}", *extra)
@@ -212,6 +215,9 @@ def test_episodic_meta_test_under_torchrun_equals_one_process(tmp_path, shared_d
     assert two["world_size"] == 2 and two["per_rank_meta_batch"] == 1
     assert two["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=1e-6)
     assert two["test_ci95"] == pytest.approx(one["test_ci95"], abs=1e-6)
+    pretrained = [torch.load(tmp_path / f"p{n}" / "pretrain.pt", weights_only=False)["best"] for n in (1, 2)]
+    assert pretrained[0]["step"] == pretrained[1]["step"] == 2
+    assert pretrained[1]["accuracy"] == pytest.approx(pretrained[0]["accuracy"], abs=1e-6)
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_one_clear_error(monkeypatch) -> None:
