@@ -183,7 +183,8 @@ class AdaptiveLoss(nn.Module):
                                match_scale=self.match_scale)
         finally:
             for module, training in modes:
-                module.training = training
+                if module.training != training:
+                    module.training = training
 
     def prepared(self, batch: Batch) -> Batch:
         """(inputs, targets) with the targets checked against the expected shape (the outputs' first dimension is

@@ -191,7 +191,8 @@ def online_step(
     inputs, targets = batch
     device = inputs.device
     autocast = functools.partial(torch.autocast, device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
-    model.train()
+    if not all(module.training for module in model.modules()):
+        model.train()
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # frozen ones stay as they are
     old_params = {name: p.detach().clone() for name, p in params.items()} if meta else None
     rng_before = capture_rng(device) if meta else None

@@ -15,6 +15,34 @@ def test_smooth_leaky_relu_formula() -> None:
     torch.testing.assert_close(s, torch.tensor(expected))
 
 
+def test_smooth_leaky_relu_matches_softplus_form_far_out_and_overflows_nowhere() -> None:
+    x = torch.linspace(-200, 200, 40001)
+    for beta, gamma in ((2.0, 0.25), (5.0, 0.25), (1.0, 0.1)):
+        expected = (1 - gamma) * F.softplus(x, beta=beta) + gamma * x
+        torch.testing.assert_close(SmoothLeakyReLU(beta, gamma)(x), expected, rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(SmoothLeakyReLU()(torch.tensor([-3e38, 3e38]))).all()
+
+
+def test_smooth_leaky_relu_derivatives_are_exact_to_second_order() -> None:
+    s = SmoothLeakyReLU(beta=2.0, gamma=0.25)
+    x = (torch.randn(64, dtype=torch.float64) * 4).requires_grad_()
+    assert torch.autograd.gradcheck(s, (x,)) and torch.autograd.gradgradcheck(s, (x,))
+    zero = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # where a formula through |x| would say gamma
+    (slope,) = torch.autograd.grad(s(zero).sum(), zero, create_graph=True)
+    (curvature,) = torch.autograd.grad(slope.sum(), zero)
+    torch.testing.assert_close(slope, torch.tensor([0.25 + 0.75 * 0.5], dtype=torch.float64))
+    torch.testing.assert_close(curvature, torch.tensor([0.75 * 2.0 * 0.25], dtype=torch.float64))
+
+
+def test_smooth_leaky_relu_under_forward_mode_and_vmap() -> None:
+    s = SmoothLeakyReLU(beta=5.0, gamma=0.25)
+    softplus_form = lambda v: 0.75 * F.softplus(v, beta=5.0) + 0.25 * v  # noqa: E731
+    x, tangent = torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.jvp(s, (x,), (tangent,)), torch.func.jvp(softplus_form, (x,), (tangent,)))
+    per_row = torch.func.vmap(torch.func.grad(lambda row: s(row).pow(2).sum()))(x)
+    torch.testing.assert_close(per_row, torch.func.vmap(torch.func.grad(lambda r: softplus_form(r).pow(2).sum()))(x))
+
+
 def test_loss_is_the_mean_of_per_output_values() -> None:
     torch.manual_seed(0)
     loss = OutputWiseLoss(hidden=(40, 40))
