@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adalfl.loss_network import OutputWiseLoss
+from adalfl.loss_network import OutputWiseLoss, closed_form_gradients
 from adalfl.online_step import Batch, StepStats, online_step
 
 Task = Literal["classification", "regression"]
@@ -111,6 +111,13 @@ class AdaptiveLoss(nn.Module):
         """The learned loss's value (differentiable in the outputs)."""
         return self.loss(outputs, self.checked_targets(outputs, targets))
 
+    def closed_form_gradients(
+        self, outputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the learned loss, its gradient in the outputs, the task loss, its gradient) without autograd: how
+        `step` takes its plain steps (adalfl.online_step.ClosedFormLoss)."""
+        return closed_form_gradients(self.loss, outputs, self.checked_targets(outputs, targets))
+
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         """`.to()`, `.double()`, `.cuda()` ... move the meta optimizer's state with the parameters."""
         super()._apply(fn, recurse)
@@ -176,15 +183,14 @@ class AdaptiveLoss(nn.Module):
         batch = self.prepared(batch)
         meta = (self.loss, self.meta_optimizer, batch if meta_batch is None else self.prepared(meta_batch)) \
             if adapt else None
-        modes = [(module, module.training) for module in model.modules()]  # e.g. a frozen batch norm in eval mode
-        try:
+        in_eval = [module for module in model.modules() if not module.training]  # e.g. a frozen batch norm
+        try:  # online_step puts the whole model in train mode, if it is not
             return online_step(model, self, optimizer, batch, self.task_loss, meta=meta,
                                max_grad_ratio=self.max_grad_ratio, meta_clip=self.meta_clip, amp=self.amp,
                                match_scale=self.match_scale)
         finally:
-            for module, training in modes:
-                if module.training != training:
-                    module.training = training
+            for module in in_eval:
+                module.training = False
 
     def prepared(self, batch: Batch) -> Batch:
         """(inputs, targets) with the targets checked against the expected shape (the outputs' first dimension is

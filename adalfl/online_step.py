@@ -39,7 +39,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -122,25 +122,45 @@ def to_float32(outputs: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
     return outputs.float() if amp is not None else outputs
 
 
+@runtime_checkable
+class ClosedFormLoss(Protocol):
+    """A loss that gives in closed form its value and gradient in the outputs (differentiable in the loss's
+    parameters under grad mode) and those of the task loss that `online_step` is given (AdaptiveLoss)."""
+
+    def closed_form_gradients(
+        self, outputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
 def output_gradient(
     loss_fn: LossFn, task_loss: LossFn, outputs: torch.Tensor, targets: torch.Tensor, create_graph: bool,
     max_grad_ratio: float | None, match_scale: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(loss, its gradient in `outputs` scaled by the bound, the task loss, the bound's s or None) at the leaf
-    `outputs`; the gradient keeps its graph to the loss parameters when `create_graph`."""
-    loss = loss_fn(outputs, targets)
-    (gradient,) = torch.autograd.grad(loss, outputs, create_graph=create_graph)
+    `outputs`; the gradient keeps its graph to the loss parameters when `create_graph`, and comes in closed form
+    from a `ClosedFormLoss`."""
     if task_loss is loss_fn:
+        loss = loss_fn(outputs, targets)
+        (gradient,) = torch.autograd.grad(loss, outputs, create_graph=create_graph)
         return loss, gradient, loss.detach(), None
+    if isinstance(loss_fn, ClosedFormLoss):
+        with torch.set_grad_enabled(create_graph):
+            loss, gradient, value, task_gradient = loss_fn.closed_form_gradients(outputs, targets)
+    else:
+        loss = loss_fn(outputs, targets)
+        (gradient,) = torch.autograd.grad(loss, outputs, create_graph=create_graph)
+        if max_grad_ratio is None:
+            with torch.no_grad():
+                return loss, gradient, task_loss(outputs, targets), None
+        value = task_loss(outputs, targets)
+        (task_gradient,) = torch.autograd.grad(value, outputs)
+        value = value.detach()
     if max_grad_ratio is None:
-        with torch.no_grad():
-            return loss, gradient, task_loss(outputs, targets), None
-    value = task_loss(outputs, targets)
-    (task_gradient,) = torch.autograd.grad(value, outputs)
+        return loss, gradient, value, None
     squares = differentiable_sum(torch.stack([task_gradient.pow(2).sum(), gradient.pow(2).sum()]))
     bound = max_grad_ratio * squares[0].sqrt() / squares[1].sqrt().clamp_min(1e-30)
     scale = bound if match_scale else bound.clamp(max=1.0)
-    return loss, gradient * scale, value.detach(), scale.detach()
+    return loss, gradient * scale, value, scale.detach()
 
 
 def meta_update(
@@ -190,7 +210,8 @@ def online_step(
     `amp` autocasts the model's forward passes (module docstring)."""
     inputs, targets = batch
     device = inputs.device
-    autocast = functools.partial(torch.autocast, device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
+    # without amp no autocast context at all: entering even a disabled one costs about 0.5 % of a LeNet-5 step
+    autocast = functools.partial(torch.autocast, device.type, dtype=amp) if amp is not None else contextlib.nullcontext
     if not all(module.training for module in model.modules()):
         model.train()
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # frozen ones stay as they are
