@@ -2,10 +2,11 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from adalfl.loss_network import LossMLP, OutputWiseLoss, SmoothLeakyReLU
+from adalfl.loss_network import LossMLP, OutputWiseLoss, SmoothLeakyReLU, closed_form_gradients
 
 
 def test_smooth_leaky_relu_formula() -> None:
@@ -115,3 +116,50 @@ def test_residual_form_adds_the_network_to_the_task_term_pointwise() -> None:
     torch.testing.assert_close(loss.pointwise(ones, p), network.pointwise(ones, p) - 10 * p.log())
     torch.testing.assert_close(loss.pointwise(0 * ones, p), network.pointwise(0 * ones, p))
     assert loss.net.layers[-1].bias.abs().max() == 0  # the network still starts at a constant zero offset
+
+
+@pytest.mark.parametrize(("prediction", "soft_targets"), [("softmax", False), ("softmax", True), ("identity", False)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_closed_form_gradients_are_autograds_to_the_last_bits(prediction, soft_targets, residual) -> None:
+    """Value, gradient, task loss and its gradient as autograd gives them, and under grad mode the same derivatives
+    in the loss's parameters as autograd's gradient built with create_graph (float64, a steep random network)."""
+    torch.manual_seed(0)
+    classes = 4 if prediction == "softmax" else 1
+    loss = OutputWiseLoss(hidden=(6, 5, 7), prediction=prediction, residual=residual, num_outputs=classes).double()
+    with torch.no_grad():
+        for p in loss.parameters():
+            p.normal_()
+    outputs, tangent = torch.randn(9, classes, dtype=torch.float64), torch.randn(9, classes, dtype=torch.float64)
+    if prediction == "identity":
+        target = torch.randn(9, dtype=torch.float64)
+    else:
+        target = torch.randn(9, classes, dtype=torch.float64).softmax(-1) if soft_targets else torch.randint(0, 4, (9,))
+    leaf = outputs.clone().requires_grad_()
+    value = loss(leaf, target)
+    (gradient,) = torch.autograd.grad(value, leaf, create_graph=True)
+    task = F.cross_entropy(leaf, target) if prediction == "softmax" else F.mse_loss(leaf[:, 0], target)
+    (task_gradient,) = torch.autograd.grad(task, leaf)
+    meta = torch.autograd.grad(value + (tangent * gradient).sum(), list(loss.parameters()))
+
+    closed = closed_form_gradients(loss, outputs, target)
+    for mine, theirs in zip(closed, (value, gradient, task, task_gradient), strict=True):
+        torch.testing.assert_close(mine, theirs.detach(), rtol=1e-12, atol=1e-14)
+    closed_meta = torch.autograd.grad(closed[0] + (tangent * closed[1]).sum(), list(loss.parameters()))
+    for mine, theirs in zip(closed_meta, meta, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-14)
+    assert min(g.abs().max() for g in meta) > 1e-3  # the comparison is not vacuous
+    with torch.no_grad():
+        torch.testing.assert_close(closed_form_gradients(loss, outputs, target)[1], gradient.detach())
+
+
+def test_closed_form_gradients_refuse_a_loss_they_do_not_cover() -> None:
+    outputs, labels = torch.randn(3, 2), torch.randint(0, 2, (3,))
+    with pytest.raises(TypeError, match="sigmoid"):
+        closed_form_gradients(OutputWiseLoss(prediction="sigmoid"), outputs, labels)
+
+    class Squared(OutputWiseLoss):
+        def pointwise(self, target, prediction, log_prediction=None):  # noqa: ANN001, ANN202
+            return super().pointwise(target, prediction).pow(2)
+
+    with pytest.raises(TypeError, match="Squared"):
+        closed_form_gradients(Squared(), outputs, labels)

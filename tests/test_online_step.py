@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from adalfl import AdaptiveLoss
 from adalfl.loss_network import OutputWiseLoss
 from adalfl.online_step import batch_statistics_only, online_step
 from adalfl.update_jacobian import update_jacobian_diagonal
@@ -41,39 +42,54 @@ def copy_optimizer(optimizer: torch.optim.SGD, model: nn.Module) -> torch.optim.
     return clone
 
 
-def meta_loss_after_step(model, loss_net, optimizer, batch, meta_batch, **options) -> float:
+def closed_form(loss_net: OutputWiseLoss) -> AdaptiveLoss:
+    """`loss_net` inside an AdaptiveLoss, which gives online_step its gradient in closed form."""
+    adaptive = AdaptiveLoss(num_outputs=loss_net.num_outputs, max_grad_ratio=None).double()
+    adaptive.loss = loss_net
+    return adaptive
+
+
+def meta_loss_after_step(model, loss_net, optimizer, batch, meta_batch, closed=False, **options) -> float:
     """The task loss on the meta batch after one real optimizer step of copies of everything."""
     model = copy.deepcopy(model)
     optimizer_copy = copy_optimizer(optimizer, model)
     torch.manual_seed(123)
-    online_step(model, loss_net, optimizer_copy, batch, F.cross_entropy, **options)
+    online_step(model, closed_form(loss_net) if closed else loss_net, optimizer_copy, batch, F.cross_entropy, **options)
     model.train()
     with torch.no_grad(), batch_statistics_only(model):
         return F.cross_entropy(model(meta_batch[0]), meta_batch[1]).item()
 
 
-def analytic_meta_gradient(model, loss_net, optimizer, batch, meta_batch, **options) -> list[torch.Tensor]:
+def analytic_meta_gradient(
+    model, loss_net, optimizer, batch, meta_batch, closed=False, **options
+) -> list[torch.Tensor]:
     model, loss_net = copy.deepcopy(model), copy.deepcopy(loss_net)
     optimizer_copy = copy_optimizer(optimizer, model)
     meta_optimizer = torch.optim.SGD(loss_net.parameters(), lr=0.0)
     torch.manual_seed(123)
-    online_step(model, loss_net, optimizer_copy, batch, F.cross_entropy,
+    online_step(model, closed_form(loss_net) if closed else loss_net, optimizer_copy, batch, F.cross_entropy,
                 meta=(loss_net, meta_optimizer, meta_batch), **options)
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in loss_net.parameters()]
 
 
 @pytest.mark.parametrize(
-    ("nesterov", "dropout", "residual", "max_grad_ratio", "match_scale"),
-    [(True, 0.0, False, None, False), (False, 0.0, False, None, False), (True, 0.3, False, None, False),
-     (False, 0.3, False, None, False), (True, 0.0, True, None, False), (True, 0.3, True, 0.5, False),
-     (False, 0.0, False, 0.5, False), (True, 0.3, True, 1.0, True), (False, 0.0, False, 3.0, True)],
+    ("nesterov", "dropout", "residual", "max_grad_ratio", "match_scale", "closed"),
+    [(True, 0.0, False, None, False, False), (False, 0.0, False, None, False, False),
+     (True, 0.3, False, None, False, False), (False, 0.3, False, None, False, False),
+     (True, 0.0, True, None, False, False), (True, 0.3, True, 0.5, False, False),
+     (False, 0.0, False, 0.5, False, False), (True, 0.3, True, 1.0, True, False),
+     (False, 0.0, False, 3.0, True, False), (True, 0.3, False, None, False, True), (True, 0.3, True, 0.5, False, True),
+     (False, 0.0, False, 0.5, False, True), (True, 0.3, True, 1.0, True, True)],
 )
-def test_meta_gradient_matches_finite_differences(nesterov, dropout, residual, max_grad_ratio, match_scale) -> None:
-    """Also for the residual form, for a step whose scale bound is active (ratio 0.5 < the loss's) and for a
-    step whose scale is set to the ratio (`match_scale`, above and below the loss's own)."""
+def test_meta_gradient_matches_finite_differences(
+    nesterov, dropout, residual, max_grad_ratio, match_scale, closed
+) -> None:
+    """Also for the residual form, for a step whose scale bound is active (ratio 0.5 < the loss's), for a
+    step whose scale is set to the ratio (`match_scale`, above and below the loss's own), and with the loss's
+    gradient in closed form (`closed`: AdaptiveLoss's way)."""
     model, loss_net, optimizer, batch, meta_batch = tiny_setup(nesterov, dropout, residual)
     options = {"max_grad_ratio": max_grad_ratio, "match_scale": match_scale}
-    grads = analytic_meta_gradient(model, loss_net, optimizer, batch, meta_batch, **options)
+    grads = analytic_meta_gradient(model, loss_net, optimizer, batch, meta_batch, closed, **options)
     direction = [torch.randn_like(g) for g in grads]
     eps = 1e-5
     values = []
@@ -82,17 +98,18 @@ def test_meta_gradient_matches_finite_differences(nesterov, dropout, residual, m
         with torch.no_grad():
             for p, d in zip(shifted.parameters(), direction):
                 p.add_(sign * eps * d)
-        values.append(meta_loss_after_step(model, shifted, optimizer, batch, meta_batch, **options))
+        values.append(meta_loss_after_step(model, shifted, optimizer, batch, meta_batch, closed, **options))
     finite_difference = (values[0] - values[1]) / (2 * eps)
     analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
     assert analytic == pytest.approx(finite_difference, rel=1e-5, abs=1e-9)
     assert abs(analytic) > 1e-6  # the check is not vacuous
 
 
-def test_meta_gradient_matches_double_backward_through_the_sgd_rule() -> None:
+@pytest.mark.parametrize("closed", [False, True])
+def test_meta_gradient_matches_double_backward_through_the_sgd_rule(closed: bool) -> None:
     """Oracle: unroll torch.optim.SGD's rule by hand with create_graph and differentiate twice."""
     model, loss_net, optimizer, (x, y), (xv, yv) = tiny_setup(nesterov=True)
-    grads = analytic_meta_gradient(model, loss_net, optimizer, (x, y), (xv, yv))
+    grads = analytic_meta_gradient(model, loss_net, optimizer, (x, y), (xv, yv), closed)
 
     params = dict(model.named_parameters())
     buffers = {k: v.clone() for k, v in model.named_buffers()}
