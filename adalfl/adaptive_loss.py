@@ -114,8 +114,8 @@ class AdaptiveLoss(nn.Module):
     def closed_form_gradients(
         self, outputs: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(the learned loss, its gradient in the outputs, the task loss, its gradient) without autograd: how
-        `step` takes its plain steps (adalfl.online_step.ClosedFormLoss)."""
+        """(the learned loss, its gradient in the outputs, the task loss, its gradient) in closed form, differentiable
+        in the loss network's parameters under grad mode; `online_step` takes them from here (loss_network.py)."""
         return closed_form_gradients(self.loss, outputs, self.checked_targets(outputs, targets))
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)

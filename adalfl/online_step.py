@@ -39,7 +39,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
@@ -122,30 +122,22 @@ def to_float32(outputs: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
     return outputs.float() if amp is not None else outputs
 
 
-@runtime_checkable
-class ClosedFormLoss(Protocol):
-    """A loss that gives in closed form its value and gradient in the outputs (differentiable in the loss's
-    parameters under grad mode) and those of the task loss that `online_step` is given (AdaptiveLoss)."""
-
-    def closed_form_gradients(
-        self, outputs: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...
-
-
 def output_gradient(
     loss_fn: LossFn, task_loss: LossFn, outputs: torch.Tensor, targets: torch.Tensor, create_graph: bool,
     max_grad_ratio: float | None, match_scale: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(loss, its gradient in `outputs` scaled by the bound, the task loss, the bound's s or None) at the leaf
-    `outputs`; the gradient keeps its graph to the loss parameters when `create_graph`, and comes in closed form
-    from a `ClosedFormLoss`."""
+    `outputs`; the gradient keeps its graph to the loss parameters when `create_graph`. A loss with a method
+    `closed_form_gradients(outputs, targets)` (AdaptiveLoss) gives the loss, its gradient and the task loss's and its
+    gradient itself, differentiable in its parameters under grad mode."""
     if task_loss is loss_fn:
         loss = loss_fn(outputs, targets)
         (gradient,) = torch.autograd.grad(loss, outputs, create_graph=create_graph)
         return loss, gradient, loss.detach(), None
-    if isinstance(loss_fn, ClosedFormLoss):
+    closed_form = getattr(loss_fn, "closed_form_gradients", None)
+    if closed_form is not None:
         with torch.set_grad_enabled(create_graph):
-            loss, gradient, value, task_gradient = loss_fn.closed_form_gradients(outputs, targets)
+            loss, gradient, value, task_gradient = closed_form(outputs, targets)
     else:
         loss = loss_fn(outputs, targets)
         (gradient,) = torch.autograd.grad(loss, outputs, create_graph=create_graph)
