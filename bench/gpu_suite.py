@@ -14,7 +14,8 @@ Parts, each with its own time budget (a part measures what fits in its budget, a
 3. Correctness: AdaLFL's meta-gradient on the device (fp32 and bf16 autocast) against a float64 CPU computation of
    the same step on the same batch and weights (relative error of the loss network's gradient).
 4. The projected wall time of configs/adalfl_cifar.yaml (its steps at its fast path, k = 1 and the recommended k)
-   and of the reference NPBML schedule (60,000 meta-iterations, Omniglot meta-batch 32) from the measured steps.
+   and of the reference NPBML schedule (60,000 meta-iterations, Omniglot meta-batch 32; task loop and vmap) from the
+   measured steps.
 Synthetic tensors of the real shapes (no data loading); every timing synchronised, rows interleaved, medians.
 Prints markdown tables and writes every figure to a JSON file.
 """
@@ -76,30 +77,40 @@ def sync(device: torch.device) -> None:
 
 
 def measure(rows: dict[str, Callable[[], None]], device: torch.device, repeats: int, budget_s: float
-            ) -> dict[str, dict[str, float | None]]:
+            ) -> dict[str, dict[str, Any]]:
     """Median seconds per call of each row (rows interleaved, each call synchronised) and its peak memory (CUDA):
-    `repeats` rounds or as many as fit in `budget_s`, at least one after a warm-up call of each."""
+    `repeats` rounds or as many as fit in `budget_s`, at least one after a warm-up call of each. A row that runs out
+    of device memory in its warm-up is reported as such (no time) and the others go on."""
     started = time.perf_counter()
     peaks: dict[str, float | None] = {}
+    out_of_memory: list[str] = []
     for name, run in rows.items():
         if device.type == "cuda":
             sync(device)
             torch.cuda.reset_peak_memory_stats()
-        run()  # warm-up (and compilation)
-        sync(device)
+        try:
+            run()  # warm-up (and compilation)
+            sync(device)
+        except torch.OutOfMemoryError:
+            out_of_memory.append(name)
+            print(f"{name}: out of memory", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         peaks[name] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    times: dict[str, list[float]] = {name: [] for name in rows}
+    runnable = {name: run for name, run in rows.items() if name not in out_of_memory}
+    times: dict[str, list[float]] = {name: [] for name in runnable}
     for round_ in range(repeats):
         if round_ and time.perf_counter() - started > budget_s:
             break
-        for name, run in rows.items():
+        for name, run in runnable.items():
             sync(device)
             begin = time.perf_counter()
             run()
             sync(device)
             times[name].append(time.perf_counter() - begin)
-    return {name: {"seconds": statistics.median(values), "peak_mb": peaks[name], "repeats": len(values)}
-            for name, values in times.items()}
+    return {name: {"seconds": statistics.median(times[name]) if name in times else None, "peak_mb": peaks[name],
+                   "repeats": len(times.get(name, [])), "note": "out of memory" if name in out_of_memory else ""}
+            for name in rows}
 
 
 def training_steps(model_name: str, sizes: Sizes, device: torch.device, update_every: int
@@ -149,10 +160,12 @@ def step_table(model_name: str, timings: dict[str, dict[str, float | None]], siz
     base = timings["CE, fp32"]["seconds"]
     rows = []
     for name, t in timings.items():
-        per_step = t["seconds"] / (int(name.split("=")[1].split(",")[0]) if name.startswith("AdaLFL") else 1)
-        rows.append({"model": model_name, "row": name, "ms_per_step": 1000 * per_step,
-                     "images_per_s": sizes.batch / per_step, "ratio_to_ce_fp32": per_step / base,
-                     "peak_mb": t["peak_mb"], "repeats": t["repeats"]})
+        block = int(name.split("=")[1].split(",")[0]) if name.startswith("AdaLFL") else 1
+        per_step = None if t["seconds"] is None else t["seconds"] / block
+        rows.append({"model": model_name, "row": name, "ms_per_step": per_step and 1000 * per_step,
+                     "images_per_s": per_step and sizes.batch / per_step,
+                     "ratio_to_ce_fp32": per_step and base and per_step / base,
+                     "peak_mb": t["peak_mb"], "repeats": t["repeats"], "note": t["note"]})
     return rows
 
 
@@ -236,13 +249,17 @@ def projections(steps: list[dict[str, Any]], episodic: dict[str, dict[str, float
     rows = []
     for kind in sorted({"AdaLFL k=1", f"AdaLFL k={k}"}):
         fast = resnet[f"{kind}, bf16 + channels-last"]  # the config's train.amp / channels_last: auto on CUDA
+        if fast["ms_per_step"] is None:
+            continue
         rows.append({"run": f"configs/adalfl_cifar.yaml, {kind} (bf16 + channels-last, {model} steps)",
                      "hours": total * fast["ms_per_step"] / 3.6e6})
-    npbml = [v for name, v in episodic.items() if name.startswith("npbml, conv4") and "task loop" in name]
-    if npbml:
-        rows.append({"run": f"NPBML reference schedule ({REFERENCE_NPBML_ITERATIONS:,} meta-iterations, conv4, the "
-                            "largest measured meta-batch, task loop)",
-                     "hours": REFERENCE_NPBML_ITERATIONS * npbml[-1]["seconds"] / 3600})
+    for mode in ("task loop", "vmap"):
+        npbml = [v for name, v in episodic.items() if name.startswith("npbml, conv4") and name.endswith(mode)
+                 and v["seconds"] is not None]
+        if npbml:
+            rows.append({"run": f"NPBML reference schedule ({REFERENCE_NPBML_ITERATIONS:,} meta-iterations, conv4, "
+                                f"the largest measured meta-batch, {mode})",
+                         "hours": REFERENCE_NPBML_ITERATIONS * npbml[-1]["seconds"] / 3600})
     return rows
 
 
@@ -279,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         print("WRN-16-8 skipped: part 1 left no budget for it\n")
     print(f"## Training steps (batch {sizes.batch})\n\n{table(steps)}\n", flush=True)
     episodic = measure(meta_iterations(sizes, device), device, sizes.repeats, sizes.budgets_s[2])
-    episodic_rows = [{"meta-iteration": n, "seconds": v["seconds"], "repeats": v["repeats"], "peak_mb": v["peak_mb"]}
-                     for n, v in episodic.items()]
+    episodic_rows = [{"meta-iteration": n, "seconds": v["seconds"], "repeats": v["repeats"], "peak_mb": v["peak_mb"],
+                      "note": v["note"]} for n, v in episodic.items()]
     print(f"## Meta-iterations (5-way 1-shot, {sizes.inner_steps} inner steps)\n\n{table(episodic_rows)}\n", flush=True)
     correctness = [{"autocast": label, "relative error vs float64 CPU": meta_gradient_error(sizes, device, amp)}
                    for label, amp in (("fp32", None), ("bf16", torch.bfloat16))]

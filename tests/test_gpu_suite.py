@@ -34,7 +34,7 @@ def test_the_dry_run_measures_every_part_and_writes_its_json(tmp_path, capsys) -
     assert len(names) == 2 * 3 * 2 * 2 and "npbml, resnet12, meta-batch 2, vmap" in names
     errors = {r["autocast"]: r["relative error vs float64 CPU"] for r in report["meta_gradient"]}
     assert errors["fp32"] < 1e-4 and errors["bf16"] < 0.1
-    assert [p["hours"] > 0 for p in report["projections"]] == [True] * len(report["projections"])
+    assert [p["hours"] > 0 for p in report["projections"]] == [True] * 4  # k = 1, k, NPBML task loop and vmap
     assert "total wall time" in capsys.readouterr().out
 
 
@@ -42,3 +42,21 @@ def test_the_dry_run_measures_every_part_and_writes_its_json(tmp_path, capsys) -
 def test_without_a_gpu_and_without_dry_run_it_stops_with_one_message(tmp_path, capsys) -> None:
     assert load_suite().main(["--out", str(tmp_path / "suite.json")]) == 2
     assert "none is visible here" in capsys.readouterr().err and not (tmp_path / "suite.json").exists()
+
+
+def test_a_row_out_of_memory_is_reported_and_the_others_still_run() -> None:
+    suite = load_suite()
+    calls = []
+
+    def fits() -> None:
+        calls.append(1)
+
+    def too_big() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.02 GiB.")
+
+    timings = suite.measure({"fits": fits, "too big": too_big}, torch.device("cpu"), repeats=3, budget_s=60)
+    assert timings["too big"] == {"seconds": None, "peak_mb": None, "repeats": 0, "note": "out of memory"}
+    assert timings["fits"]["repeats"] == 3 and timings["fits"]["note"] == "" and len(calls) == 4
+    steps = suite.step_table("m", {"CE, fp32": timings["fits"], "AdaLFL k=4, fp32": timings["too big"]},
+                             suite.DRY_RUN)
+    assert steps[1]["ms_per_step"] is None and "out of memory" in suite.table(steps)
