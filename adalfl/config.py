@@ -92,7 +92,8 @@ class TrainConfig:
     eval_batch_size: int = 1_000
     checkpoint_every: int = 1_000
     sync_batchnorm: bool = False  # under torchrun on CUDA: batch norm over the global batch (nn.SyncBatchNorm)
-    # GPU fast path (README, "On a GPU: the fast path and the run's true cost"): auto is on for CUDA, off on the CPU.
+    # GPU fast path (README, "On a GPU: the fast path and the run's true cost"): auto is on for CUDA, off on the CPU,
+    # except amp for the methods that learn the loss (autocast_dtype).
     amp: Literal["auto", "bf16", "off"] = "auto"  # bf16 autocast of the model's forward passes
     channels_last: Literal["auto", "on", "off"] = "auto"  # NHWC memory format for image models and batches
     compile: bool = False  # torch.compile of the model (methods without the unrolled step; others run eagerly)
@@ -100,6 +101,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "eval_every", "eval_batch_size", "checkpoint_every"):
             require(getattr(self, key) >= 1, f"train.{key} = {getattr(self, key)} must be at least 1")
+
+    def autocast_dtype(self, cuda: bool, learns_loss: bool) -> torch.dtype | None:
+        """bf16 when `amp` is bf16; under auto, on CUDA for the methods that do not learn the loss. For AdaLFL's and
+        ML3's steps bf16 measured slower than float32 on an H200 (the forward-mode product and the loss network stay
+        in float32, so autocast adds casts and saves little) and its meta-gradient 25x less exact (docs/benchmarks.md,
+        "On one GPU")."""
+        return torch.bfloat16 if self.amp == "bf16" or (self.amp == "auto" and cuda and not learns_loss) else None
 
 
 @dataclass

@@ -69,7 +69,7 @@ class SingleTaskTrainer:
         self._check_fits_world()
         cuda = self.device.type == "cuda"
         train = config.train
-        self.amp = torch.bfloat16 if train.amp == "bf16" or (train.amp == "auto" and cuda) else None
+        self.amp = train.autocast_dtype(cuda, self.learns_loss)
         self.channels_last = len(self.task.input_shape) == 3 and (
             train.channels_last == "on" or (train.channels_last == "auto" and cuda))
 

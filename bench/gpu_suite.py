@@ -248,10 +248,10 @@ def projections(steps: list[dict[str, Any]], episodic: dict[str, dict[str, float
     resnet = {r["row"]: r for r in steps if r["model"] == model}
     rows = []
     for kind in sorted({"AdaLFL k=1", f"AdaLFL k={k}"}):
-        fast = resnet[f"{kind}, bf16 + channels-last"]  # the config's train.amp / channels_last: auto on CUDA
+        fast = resnet[f"{kind}, channels-last"]  # what train.amp / channels_last: auto give AdaLFL on CUDA
         if fast["ms_per_step"] is None:
             continue
-        rows.append({"run": f"configs/adalfl_cifar.yaml, {kind} (bf16 + channels-last, {model} steps)",
+        rows.append({"run": f"configs/adalfl_cifar.yaml, {kind} (channels-last, {model} steps)",
                      "hours": total * fast["ms_per_step"] / 3.6e6})
     for mode in ("task loop", "vmap"):
         npbml = [v for name, v in episodic.items() if name.startswith("npbml, conv4") and name.endswith(mode)

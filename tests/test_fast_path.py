@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 import train
 from adalfl import AdaptiveLoss
+from adalfl.config import TrainConfig
+from adalfl.methods import METHOD_SPECS
 from tasks.models import build_model
 
 
@@ -94,3 +96,14 @@ def test_the_start_line_names_the_options_and_why_compile_is_ignored_for_adalfl(
     run_california(tmp_path, shared_data, "adalfl", "adalfl", "--set", "train.compile=true", "--set", "train.amp=bf16")
     out = capsys.readouterr().out
     assert "adalfl on cpu (bf16 autocast); train.compile is ignored for adalfl" in out
+
+
+@pytest.mark.parametrize("method", ["ce", "label_smoothing", "adalfl", "ml3"])
+def test_auto_autocast_is_bf16_on_cuda_except_for_the_learned_loss_steps(method) -> None:
+    learns = METHOD_SPECS[method].learns_loss
+    auto, bf16, off = TrainConfig(amp="auto"), TrainConfig(amp="bf16"), TrainConfig(amp="off")
+    assert auto.autocast_dtype(cuda=True, learns_loss=learns) == (None if method in ("adalfl", "ml3")
+                                                                  else torch.bfloat16)
+    assert auto.autocast_dtype(cuda=False, learns_loss=learns) is None
+    assert bf16.autocast_dtype(cuda=False, learns_loss=learns) == torch.bfloat16  # asked for: on, also for AdaLFL
+    assert off.autocast_dtype(cuda=True, learns_loss=learns) is None
