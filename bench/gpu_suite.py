@@ -39,6 +39,7 @@ import yaml
 
 from adalfl import AdaptiveLoss
 from engine.config import build_config
+from engine.errors import UserError
 from npbml.config import EpisodicConfig
 from npbml.learners import build_learner
 from npbml.meta_trainer import meta_gradient
@@ -91,7 +92,10 @@ def measure(rows: dict[str, Callable[[], None]], device: torch.device, repeats: 
         try:
             run()  # warm-up (and compilation)
             sync(device)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, UserError) as error:  # the vectorised meta-batch says so as a UserError
+            if not isinstance(error, torch.OutOfMemoryError) and not isinstance(error.__cause__,
+                                                                                torch.OutOfMemoryError):
+                raise
             out_of_memory.append(name)
             print(f"{name}: out of memory", flush=True)
         if device.type == "cuda":

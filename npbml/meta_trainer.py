@@ -37,7 +37,7 @@ from engine.distributed import (
     shard,
     world,
 )
-from engine.errors import ConfigError
+from engine.errors import ConfigError, UserError
 from engine.figures import support_shape_figure
 from engine.hparams import HParamsSpec
 from engine.nonfinite_guard import NonFiniteGuard
@@ -77,8 +77,14 @@ def meta_gradient(learner: nn.Module, params: list[torch.Tensor], episodes: list
     device tensors (no host sync)."""
     share = [episode.to(device) for episode in shard(episodes)]
     if vectorized:
-        losses, accuracies = learner.forward_tasks(share, steps)
-        (losses.sum() / len(episodes)).backward()
+        try:
+            losses, accuracies = learner.forward_tasks(share, steps)
+            (losses.sum() / len(episodes)).backward()
+        except torch.OutOfMemoryError as error:
+            raise UserError(
+                f"out of device memory adapting {len(share)} tasks at once: outer.vectorize_tasks holds every task's "
+                "graph until the backward pass (ResNet-12 at 84 px needs 21-24 GB at meta-batch 4); set "
+                "outer.vectorize_tasks: false to adapt them one by one, or lower outer.meta_batch") from error
     else:
         results = []
         for episode in share:

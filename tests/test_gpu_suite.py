@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.errors import UserError
+
 SUITE = Path(__file__).resolve().parent.parent / "bench" / "gpu_suite.py"
 
 
@@ -54,9 +56,22 @@ def test_a_row_out_of_memory_is_reported_and_the_others_still_run() -> None:
     def too_big() -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.02 GiB.")
 
-    timings = suite.measure({"fits": fits, "too big": too_big}, torch.device("cpu"), repeats=3, budget_s=60)
-    assert timings["too big"] == {"seconds": None, "peak_mb": None, "repeats": 0, "note": "out of memory"}
+    def said_so() -> None:  # the vectorised meta-batch's message, raised from the allocator's error
+        try:
+            too_big()
+        except torch.OutOfMemoryError as error:
+            raise UserError("out of device memory adapting 32 tasks at once") from error
+
+    def broken() -> None:
+        raise UserError("a real problem")
+
+    timings = suite.measure({"fits": fits, "too big": too_big, "said so": said_so}, torch.device("cpu"), repeats=3,
+                            budget_s=60)
+    for name in ("too big", "said so"):
+        assert timings[name] == {"seconds": None, "peak_mb": None, "repeats": 0, "note": "out of memory"}
     assert timings["fits"]["repeats"] == 3 and timings["fits"]["note"] == "" and len(calls) == 4
+    with pytest.raises(UserError, match="a real problem"):  # any other error still stops the suite
+        suite.measure({"broken": broken}, torch.device("cpu"), repeats=1, budget_s=60)
     steps = suite.step_table("m", {"CE, fp32": timings["fits"], "AdaLFL k=4, fp32": timings["too big"]},
                              suite.DRY_RUN)
     assert steps[1]["ms_per_step"] is None and "out of memory" in suite.table(steps)

@@ -10,6 +10,7 @@ from test_episodic_train import run
 from torch import nn
 
 from engine.config import build_config
+from engine.errors import UserError
 from npbml.batch_norm import VmapSafeBatchNorm2d, with_vmap_safe_batch_norm
 from npbml.config import EpisodicConfig
 from npbml.learners import build_learner
@@ -68,6 +69,18 @@ def test_the_vectorised_meta_batch_has_the_per_task_loops_meta_gradient(method, 
     for a, b in zip(loop, vectorised, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-10)
     assert max(float(g.abs().max()) for g in loop) > 1e-3  # a gradient worth comparing
+
+
+def test_a_vectorised_meta_batch_out_of_device_memory_says_how_to_fit(monkeypatch) -> None:
+    cfg = config("npbml", True)
+    learner = build_learner(cfg, (1, 28, 28)).double()
+
+    def out_of_memory(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.02 GiB.")
+
+    monkeypatch.setattr(learner, "forward_tasks", out_of_memory)
+    with pytest.raises(UserError, match=r"adapting 3 tasks at once.*outer\.vectorize_tasks: false"):
+        meta_gradient(learner, list(learner.parameters()), episodes(3), 1, torch.device("cpu"), vectorized=True)
 
 
 def test_pytorchs_fused_batch_norm_still_needs_the_vmap_safe_one() -> None:
