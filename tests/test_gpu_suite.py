@@ -73,5 +73,6 @@ def test_a_row_out_of_memory_is_reported_and_the_others_still_run() -> None:
     with pytest.raises(UserError, match="a real problem"):  # any other error still stops the suite
         suite.measure({"broken": broken}, torch.device("cpu"), repeats=1, budget_s=60)
     steps = suite.step_table("m", {"CE, fp32": timings["fits"], "AdaLFL k=4, fp32": timings["too big"]},
-                             suite.DRY_RUN)
+                             suite.DRY_RUN, 4)
     assert steps[1]["ms_per_step"] is None and "out of memory" in suite.table(steps)
+    assert steps[0]["ms_per_step"] == pytest.approx(1000 * timings["fits"]["seconds"] / 4)  # a block of 4 steps
