@@ -103,10 +103,8 @@ class TrainConfig:
             require(getattr(self, key) >= 1, f"train.{key} = {getattr(self, key)} must be at least 1")
 
     def autocast_dtype(self, cuda: bool, learns_loss: bool) -> torch.dtype | None:
-        """bf16 when `amp` is bf16; under auto, on CUDA for the methods that do not learn the loss. For AdaLFL's and
-        ML3's steps bf16 measured slower than float32 on an H200 (the forward-mode product and the loss network stay
-        in float32, so autocast adds casts and saves little) and its meta-gradient 25x less exact (docs/benchmarks.md,
-        "On one GPU")."""
+        """bf16 when `amp` is bf16; under auto, on CUDA for the methods that do not learn the loss (for AdaLFL's
+        steps, which ML3 runs too, bf16 measured slower and less exact: docs/benchmarks.md, "On one GPU")."""
         return torch.bfloat16 if self.amp == "bf16" or (self.amp == "auto" and cuda and not learns_loss) else None
 
 

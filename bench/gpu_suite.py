@@ -78,43 +78,55 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def ran_out_of_memory(run: Callable[[], None], device: torch.device) -> bool:
+    """Call `run` and synchronise; True when it ran out of device memory (the allocator's error, or the vectorised
+    meta-batch's UserError raised from it), with the cache emptied; any other error propagates."""
+    try:
+        run()
+        sync(device)
+        return False
+    except (torch.OutOfMemoryError, UserError) as error:
+        if not (isinstance(error, torch.OutOfMemoryError) or isinstance(error.__cause__, torch.OutOfMemoryError)):
+            raise
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return True
+
+
 def measure(rows: dict[str, Callable[[], None]], device: torch.device, repeats: int, budget_s: float
             ) -> dict[str, dict[str, Any]]:
     """Median seconds per call of each row (rows interleaved, each call synchronised) and its peak memory (CUDA):
     `repeats` rounds or as many as fit in `budget_s`, at least one after a warm-up call of each. A row that runs out
-    of device memory in its warm-up is reported as such (no time) and the others go on."""
+    of device memory is reported as such (no time; its peak is the allocator's high-water mark when it failed) and
+    the others go on."""
     started = time.perf_counter()
     peaks: dict[str, float | None] = {}
-    out_of_memory: list[str] = []
+    out_of_memory: set[str] = set()
     for name, run in rows.items():
         if device.type == "cuda":
             sync(device)
             torch.cuda.reset_peak_memory_stats()
-        try:
-            run()  # warm-up (and compilation)
-            sync(device)
-        except (torch.OutOfMemoryError, UserError) as error:  # the vectorised meta-batch says so as a UserError
-            if not isinstance(error, torch.OutOfMemoryError) and not isinstance(error.__cause__,
-                                                                                torch.OutOfMemoryError):
-                raise
-            out_of_memory.append(name)
-            print(f"{name}: out of memory", flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        if ran_out_of_memory(run, device):  # warm-up (and compilation)
+            out_of_memory.add(name)
         peaks[name] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    runnable = {name: run for name, run in rows.items() if name not in out_of_memory}
-    times: dict[str, list[float]] = {name: [] for name in runnable}
+    times: dict[str, list[float]] = {name: [] for name in rows}
     for round_ in range(repeats):
         if round_ and time.perf_counter() - started > budget_s:
             break
-        for name, run in runnable.items():
+        for name, run in rows.items():
+            if name in out_of_memory:
+                continue
             sync(device)
             begin = time.perf_counter()
-            run()
-            sync(device)
+            if ran_out_of_memory(run, device):
+                out_of_memory.add(name)
+                continue
             times[name].append(time.perf_counter() - begin)
-    return {name: {"seconds": statistics.median(times[name]) if name in times else None, "peak_mb": peaks[name],
-                   "repeats": len(times.get(name, [])), "note": "out of memory" if name in out_of_memory else ""}
+    for name in sorted(out_of_memory):
+        print(f"{name}: out of memory", flush=True)
+    return {name: {"seconds": None, "peak_mb": peaks[name], "repeats": 0, "note": "out of memory"}
+            if name in out_of_memory else
+            {"seconds": statistics.median(times[name]), "peak_mb": peaks[name], "repeats": len(times[name]), "note": ""}
             for name in rows}
 
 
@@ -169,10 +181,11 @@ def step_table(model_name: str, timings: dict[str, dict[str, Any]], sizes: Sizes
     base = timings["CE, fp32"]["seconds"]
     rows = []
     for name, t in timings.items():
-        per_step = None if t["seconds"] is None else t["seconds"] / block
-        rows.append({"model": model_name, "row": name, "ms_per_step": per_step and 1000 * per_step,
-                     "images_per_s": per_step and sizes.batch / per_step,
-                     "ratio_to_ce_fp32": per_step and base and t["seconds"] / base,
+        measured = t["seconds"] is not None
+        per_step = t["seconds"] / block if measured else None
+        rows.append({"model": model_name, "row": name, "ms_per_step": 1000 * per_step if measured else None,
+                     "images_per_s": sizes.batch / per_step if measured else None,
+                     "ratio_to_ce_fp32": t["seconds"] / base if measured and base is not None else None,
                      "peak_mb": t["peak_mb"], "repeats": t["repeats"], "note": t["note"]})
     return rows
 

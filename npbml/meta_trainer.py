@@ -83,8 +83,8 @@ def meta_gradient(learner: nn.Module, params: list[torch.Tensor], episodes: list
         except torch.OutOfMemoryError as error:
             raise UserError(
                 f"out of device memory adapting {len(share)} tasks at once: outer.vectorize_tasks holds every task's "
-                "graph until the backward pass (ResNet-12 at 84 px needs 21-24 GB at meta-batch 4); set "
-                "outer.vectorize_tasks: false to adapt them one by one, or lower outer.meta_batch") from error
+                "graph until the backward pass; set outer.vectorize_tasks: false to adapt them one by one, or lower "
+                "outer.meta_batch") from error
     else:
         results = []
         for episode in share:

@@ -11,8 +11,11 @@ import torch.nn.functional as F
 
 import train
 from adalfl import AdaptiveLoss
-from adalfl.config import TrainConfig
+from adalfl.config import SingleTaskConfig, TrainConfig
 from adalfl.methods import METHOD_SPECS
+from adalfl.trainer import SingleTaskTrainer
+from engine.config import build_config
+from engine.run_dir import RunDir
 from tasks.models import build_model
 
 
@@ -98,8 +101,25 @@ def test_the_start_line_names_the_options_and_why_compile_is_ignored_for_adalfl(
     assert "adalfl on cpu (bf16 autocast); train.compile is ignored for adalfl" in out
 
 
+@pytest.mark.parametrize("method", ["mse", "adalfl"])
+def test_the_trainer_takes_its_autocast_from_the_config_for_its_method(method: str, tmp_path, shared_data,
+                                                                      monkeypatch) -> None:
+    asked = []
+
+    def autocast_dtype(self: TrainConfig, cuda: bool, learns_loss: bool) -> torch.dtype:
+        asked.append((cuda, learns_loss))
+        return torch.float16  # a value the trainer could not have chosen by itself
+
+    monkeypatch.setattr(TrainConfig, "autocast_dtype", autocast_dtype)
+    config = build_config(SingleTaskConfig, {"method": method, "device": "cpu", "model": {"name": "mlp"},
+                                             "data": {"dataset": "california_housing"}})
+    trainer = SingleTaskTrainer(config, RunDir(tmp_path / "run"), shared_data)
+    assert asked == [(False, method == "adalfl")] and trainer.amp == torch.float16
+    assert trainer.adaptive is None or trainer.adaptive.amp == torch.float16
+
+
 @pytest.mark.parametrize("method", ["ce", "label_smoothing", "adalfl", "ml3"])
-def test_auto_autocast_is_bf16_on_cuda_except_for_the_learned_loss_steps(method) -> None:
+def test_auto_autocast_is_bf16_on_cuda_except_for_the_learned_loss_steps(method: str) -> None:
     learns = METHOD_SPECS[method].learns_loss
     auto, bf16, off = TrainConfig(amp="auto"), TrainConfig(amp="bf16"), TrainConfig(amp="off")
     assert auto.autocast_dtype(cuda=True, learns_loss=learns) == (None if method in ("adalfl", "ml3")

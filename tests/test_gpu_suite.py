@@ -65,14 +65,32 @@ def test_a_row_out_of_memory_is_reported_and_the_others_still_run() -> None:
     def broken() -> None:
         raise UserError("a real problem")
 
-    timings = suite.measure({"fits": fits, "too big": too_big, "said so": said_so}, torch.device("cpu"), repeats=3,
-                            budget_s=60)
-    for name in ("too big", "said so"):
+    def fits_once() -> None:  # through its warm-up, then out of memory in the first timed round
+        if calls.count("once"):
+            too_big()
+        calls.append("once")
+
+    timings = suite.measure({"fits": fits, "too big": too_big, "said so": said_so, "fits once": fits_once},
+                            torch.device("cpu"), repeats=3, budget_s=60)
+    for name in ("too big", "said so", "fits once"):
         assert timings[name] == {"seconds": None, "peak_mb": None, "repeats": 0, "note": "out of memory"}
-    assert timings["fits"]["repeats"] == 3 and timings["fits"]["note"] == "" and len(calls) == 4
+    assert timings["fits"]["repeats"] == 3 and timings["fits"]["note"] == "" and calls.count(1) == 4
     with pytest.raises(UserError, match="a real problem"):  # any other error still stops the suite
         suite.measure({"broken": broken}, torch.device("cpu"), repeats=1, budget_s=60)
-    steps = suite.step_table("m", {"CE, fp32": timings["fits"], "AdaLFL k=4, fp32": timings["too big"]},
-                             suite.DRY_RUN, 4)
+    twice = {**timings["fits"], "seconds": 2 * timings["fits"]["seconds"]}
+    steps = suite.step_table("m", {"CE, fp32": timings["fits"], "AdaLFL k=4, fp32": timings["too big"],
+                                   "AdaLFL k=1, fp32": twice}, suite.DRY_RUN, 4)
     assert steps[1]["ms_per_step"] is None and "out of memory" in suite.table(steps)
     assert steps[0]["ms_per_step"] == pytest.approx(1000 * timings["fits"]["seconds"] / 4)  # a block of 4 steps
+    assert steps[2]["ratio_to_ce_fp32"] == pytest.approx(2.0) and steps[0]["ratio_to_ce_fp32"] == 1.0
+
+
+def test_every_training_step_row_runs_a_block_of_k_steps_between_synchronisations(monkeypatch) -> None:
+    suite = load_suite()
+    counted = []
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: counted.append(1))
+    rows = suite.training_steps("lenet5_relu", suite.DRY_RUN, torch.device("cpu"), 4)
+    for name, run in rows.items():
+        counted.clear()
+        run()
+        assert len(counted) == 4, name  # CE, AdaLFL k = 1 and k = 4 alike

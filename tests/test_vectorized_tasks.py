@@ -75,7 +75,7 @@ def test_a_vectorised_meta_batch_out_of_device_memory_says_how_to_fit(monkeypatc
     cfg = config("npbml", True)
     learner = build_learner(cfg, (1, 28, 28)).double()
 
-    def out_of_memory(*_):
+    def out_of_memory(*_: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.02 GiB.")
 
     monkeypatch.setattr(learner, "forward_tasks", out_of_memory)
