@@ -55,7 +55,9 @@ class AdaptiveLoss(nn.Module):
     that the learned loss adapts the step's direction only; `meta_clip` clips the meta-gradient's norm; `amp` (e.g.
     torch.bfloat16) autocasts the model's forward passes, the loss and its meta-gradient staying in float32.
     `update_every=k` updates the loss at every k-th call of `step` only (default 16; 1 is the paper's every-step
-    form; the calls are counted in `state_dict`, which also holds the settings a load must match).
+    form; the calls are counted in `state_dict`, which also holds the settings a load must match). `keep_outputs`
+    keeps the real forward's layer outputs for an update step's forward-mode product (faster, more memory until the
+    product; False computes them again: adalfl/kept_outputs.py).
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class AdaptiveLoss(nn.Module):
         amp: torch.dtype | None = None,
         grad_scale: Literal["bound", "match"] = "bound",
         update_every: int = 16,
+        keep_outputs: bool = True,
     ) -> None:
         super().__init__()
         for name, value, allowed in (("task", task, ("classification", "regression")),
@@ -98,7 +101,7 @@ class AdaptiveLoss(nn.Module):
         self.meta_optimizer = torch.optim.Adam(self.loss.parameters(), lr=meta_lr)
         self.max_grad_ratio, self.meta_clip, self.amp = max_grad_ratio, meta_clip, amp
         self.match_scale = grad_scale == "match"
-        self.update_every = update_every
+        self.update_every, self.keep_outputs = update_every, keep_outputs
         self.scheduled_steps = 0  # calls of `step` that followed the update_every schedule
         self._checked: set[tuple[int, int]] = set()  # (model, optimizer) pairs whose parameters were checked
 
@@ -187,7 +190,7 @@ class AdaptiveLoss(nn.Module):
         try:  # online_step puts the whole model in train mode, if it is not
             return online_step(model, self, optimizer, batch, self.task_loss, meta=meta,
                                max_grad_ratio=self.max_grad_ratio, meta_clip=self.meta_clip, amp=self.amp,
-                               match_scale=self.match_scale)
+                               match_scale=self.match_scale, keep_outputs=self.keep_outputs)
         finally:
             for module in in_eval:
                 module.training = False

@@ -133,6 +133,9 @@ class MetaConfig:
     # adalfl: update the loss at every k-th step, plain steps with the current loss between (README, "Where AdaLFL
     # stands": k = 16 kept the every-step form's result at about 40 % of its cost)
     update_every: int = 16
+    # adalfl, ml3: an update step's forward-mode product takes its layers' outputs from the real forward (faster;
+    # false computes them again, holding less memory during the meta forward and backward)
+    keep_outputs: bool = True
 
     def __post_init__(self) -> None:
         require(self.lr > 0, f"meta.lr = {self.lr} must be positive")

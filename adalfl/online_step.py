@@ -10,8 +10,9 @@ Nesterov, lr otherwise). So the meta-gradient of the task loss L at theta' needs
 
 with v = grad L(theta') and u one forward-mode product (dual tensors of torch.autograd.forward_ad)
 of the model at the old parameters, in train mode with batch statistics and the same dropout
-masks as the real forward.
-The virtual step IS the real step: nothing is computed twice.
+masks as the real forward. The virtual step IS the real step, and the product takes the primal outputs of the
+model's linear, convolution, activation and pooling layers from the real forward (adalfl/kept_outputs.py), computing
+their tangents only.
 
 With `max_grad_ratio = r` the step's output gradient g = dM_phi/dz is bounded in scale by the task
 loss's: it becomes s * g with s = min(1, r * |dL_task/dz| / |g|) (norms over the batch's outputs), so
@@ -21,7 +22,8 @@ one-step meta-gradient of the bounded step. With `match_scale` the step's scale 
 exactly (s = r * |dL_task/dz| / |g|, not capped at 1): the learned loss then sets only the step's direction.
 
 With `amp` (e.g. torch.bfloat16) the model's two forward passes (the step's and the meta loss's) run under
-autocast; the loss network, the bound and the forward-mode product stay in float32.
+autocast; the loss network, the bound and the forward-mode product stay in float32 (the product then computes
+its own primal outputs: the real forward's are in the autocast's precision).
 
 The step never waits for the device: its scalars come back as tensors, and `StepStats.finite` flags a
 non-finite loss or meta-gradient for the caller to check when it reads them (NonFiniteGuard).
@@ -46,6 +48,7 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.func import functional_call
 
+from adalfl.kept_outputs import KeptOutputs, kept_layer_outputs, reusing
 from adalfl.update_jacobian import Diagonal, elementwise_update, update_jacobian_diagonal
 from engine.distributed import all_reduce_mean_, differentiable_sum
 
@@ -103,13 +106,15 @@ def model_jvp(
     tangents: dict[str, torch.Tensor],
     inputs: torch.Tensor,
     rng: dict[str, torch.Tensor],
+    kept: KeptOutputs,
 ) -> torch.Tensor:
-    """J_params model(inputs) . tangents, by forward-mode AD with dual tensors, replaying `rng`.
+    """J_params model(inputs) . tangents, by forward-mode AD with dual tensors, replaying `rng`; the layers in
+    `kept` take their primal outputs from there (adalfl/kept_outputs.py).
 
     torch.autograd.forward_ad under no_grad keeps about twice a plain forward pass in memory;
     torch.func.jvp kept about seven times as much on an All-CNN-C (bench/bench_online_step.py).
     """
-    with torch.no_grad(), forward_ad.dual_level(), replayed_rng(rng), warnings.catch_warnings():
+    with torch.no_grad(), forward_ad.dual_level(), replayed_rng(rng), reusing(kept), warnings.catch_warnings():
         # forward-mode AD scripts a helper through torch.jit.script, whose deprecation warning means nothing here
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
         duals = {name: forward_ad.make_dual(p, tangents[name]) for name, p in params.items()}
@@ -158,8 +163,8 @@ def output_gradient(
 def meta_update(
     model: nn.Module, params: dict[str, torch.Tensor], old_params: dict[str, torch.Tensor], diagonal: Diagonal,
     meta: tuple[nn.Module, torch.optim.Optimizer, Batch], task_loss: LossFn, inputs: torch.Tensor,
-    rng: dict[str, torch.Tensor], output_grad: torch.Tensor, autocast: Callable[[], Any], amp: torch.dtype | None,
-    meta_clip: float | None,
+    rng: dict[str, torch.Tensor], kept: KeptOutputs, output_grad: torch.Tensor, autocast: Callable[[], Any],
+    amp: torch.dtype | None, meta_clip: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One update of the loss network by the one-step meta-gradient (module docstring), after the model's step;
     returns the meta loss and the meta-gradient's norm (device tensors)."""
@@ -172,7 +177,7 @@ def meta_update(
         all_reduce_mean_(direction)
         tangents = {name: diagonal[p] * v if p in diagonal else torch.zeros_like(v)
                     for (name, p), v in zip(params.items(), direction, strict=True)}
-        output_tangent = model_jvp(model, old_params, tangents, inputs, rng)
+        output_tangent = model_jvp(model, old_params, tangents, inputs, rng, kept)
 
     meta_objective = -(output_tangent * output_grad).sum()
     meta_optimizer.zero_grad(set_to_none=True)
@@ -195,11 +200,13 @@ def online_step(
     meta_clip: float | None = None,
     amp: torch.dtype | None = None,
     match_scale: bool = False,
+    keep_outputs: bool = True,
 ) -> StepStats:
     """Step `model` with `loss_fn` on `batch`; with `meta = (loss_net, meta_optimizer, meta_batch)`
     also update the loss network by the one-step meta-gradient of `task_loss` on `meta_batch`, its norm
     clipped to `meta_clip` when given. `max_grad_ratio` bounds the step's scale (sets it, with `match_scale`),
-    `amp` autocasts the model's forward passes (module docstring)."""
+    `amp` autocasts the model's forward passes, `keep_outputs` lets the meta-gradient's forward-mode product take
+    its layers' primal outputs from the real forward (module docstring)."""
     inputs, targets = batch
     device = inputs.device
     # without amp no autocast context at all: entering even a disabled one costs about 0.5 % of a LeNet-5 step
@@ -214,7 +221,10 @@ def online_step(
         raise ValueError("match_scale sets the step's scale to max_grad_ratio times the task loss's: "
                          "give max_grad_ratio")
 
-    with autocast():
+    # an update step keeps the real forward's layer outputs for its forward-mode product: the same values, unless
+    # autocast computed them in another precision than the product's float32 (or torch.compile hides its layers)
+    keep = keep_outputs and meta is not None and amp is None and not hasattr(model, "_orig_mod")
+    with autocast(), (kept_layer_outputs(model) if keep else contextlib.nullcontext({})) as kept:
         outputs = model(inputs)
     outputs_leaf = to_float32(outputs.detach(), amp).requires_grad_()
     loss, output_grad, batch_task_loss, bound_scale = output_gradient(
@@ -235,6 +245,6 @@ def online_step(
         grads = {p: p for p in params.values() if p.grad is not None}  # e.g. SGD's D needs no gradient values
     diagonal = update_jacobian_diagonal(optimizer, grads, {p: old_params[n] for n, p in params.items()})
     stats.meta_loss, stats.meta_grad_norm = meta_update(model, params, old_params, diagonal, meta, task_loss, inputs,
-                                                        rng_before, output_grad, autocast, amp, meta_clip)
+                                                        rng_before, kept, output_grad, autocast, amp, meta_clip)
     stats.finite = stats.finite & torch.isfinite(stats.meta_grad_norm)
     return stats

@@ -82,7 +82,7 @@ class SingleTaskTrainer:
                 beta=config.loss_network.beta, gamma=config.loss_network.gamma, form=config.meta.loss_form,
                 meta_lr=config.meta.lr, max_grad_ratio=config.meta.grad_ratio(config.method),
                 meta_clip=config.meta.clip_grad_norm, amp=self.amp, grad_scale=config.meta.grad_scale,
-                update_every=config.meta.update_every,
+                update_every=config.meta.update_every, keep_outputs=config.meta.keep_outputs,
             ).to(self.device)
             self.loss_net = self.adaptive.loss
         self.search: LossSearch | None = LOSS_SEARCHES[self.spec.search](self) if self.spec.search else None
