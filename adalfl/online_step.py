@@ -11,8 +11,8 @@ Nesterov, lr otherwise). So the meta-gradient of the task loss L at theta' needs
 with v = grad L(theta') and u one forward-mode product (dual tensors of torch.autograd.forward_ad)
 of the model at the old parameters, in train mode with batch statistics and the same dropout
 masks as the real forward. The virtual step IS the real step, and the product takes the primal outputs of the
-model's linear, convolution, activation and pooling layers from the real forward (adalfl/kept_outputs.py), computing
-their tangents only.
+model's linear, convolution, tanh, sigmoid, average-pooling, flatten and identity layers from the real forward
+(adalfl/kept_outputs.py), computing their tangents only.
 
 With `max_grad_ratio = r` the step's output gradient g = dM_phi/dz is bounded in scale by the task
 loss's: it becomes s * g with s = min(1, r * |dL_task/dz| / |g|) (norms over the batch's outputs), so
@@ -106,20 +106,23 @@ def model_jvp(
     tangents: dict[str, torch.Tensor],
     inputs: torch.Tensor,
     rng: dict[str, torch.Tensor],
-    kept: KeptOutputs,
+    kept: KeptOutputs | None = None,
 ) -> torch.Tensor:
     """J_params model(inputs) . tangents, by forward-mode AD with dual tensors, replaying `rng`; the layers in
-    `kept` take their primal outputs from there (adalfl/kept_outputs.py).
+    `kept` take their primal outputs from there (adalfl/kept_outputs.py), unless the pass called them otherwise than
+    the real forward did (a forward that branches on grad mode, say): then it runs again without them.
 
     torch.autograd.forward_ad under no_grad keeps about twice a plain forward pass in memory;
     torch.func.jvp kept about seven times as much on an All-CNN-C (bench/bench_online_step.py).
     """
+    kept = kept if kept is not None else KeptOutputs()
     with torch.no_grad(), forward_ad.dual_level(), replayed_rng(rng), reusing(kept), warnings.catch_warnings():
         # forward-mode AD scripts a helper through torch.jit.script, whose deprecation warning means nothing here
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
         duals = {name: forward_ad.make_dual(p, tangents[name]) for name, p in params.items()}
         outputs = functional_call(model, {**duals, **dict(model.named_buffers())}, (inputs,))
-        return forward_ad.unpack_dual(outputs).tangent
+        tangent = forward_ad.unpack_dual(outputs).tangent
+    return tangent if kept.matched else model_jvp(model, params, tangents, inputs, rng)
 
 
 def to_float32(outputs: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
@@ -163,7 +166,7 @@ def output_gradient(
 def meta_update(
     model: nn.Module, params: dict[str, torch.Tensor], old_params: dict[str, torch.Tensor], diagonal: Diagonal,
     meta: tuple[nn.Module, torch.optim.Optimizer, Batch], task_loss: LossFn, inputs: torch.Tensor,
-    rng: dict[str, torch.Tensor], kept: KeptOutputs, output_grad: torch.Tensor, autocast: Callable[[], Any],
+    rng: dict[str, torch.Tensor], kept: KeptOutputs | None, output_grad: torch.Tensor, autocast: Callable[[], Any],
     amp: torch.dtype | None, meta_clip: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One update of the loss network by the one-step meta-gradient (module docstring), after the model's step;
@@ -224,7 +227,7 @@ def online_step(
     # an update step keeps the real forward's layer outputs for its forward-mode product: the same values, unless
     # autocast computed them in another precision than the product's float32 (or torch.compile hides its layers)
     keep = keep_outputs and meta is not None and amp is None and not hasattr(model, "_orig_mod")
-    with autocast(), (kept_layer_outputs(model) if keep else contextlib.nullcontext({})) as kept:
+    with autocast(), (kept_layer_outputs(model) if keep else contextlib.nullcontext(None)) as kept:
         outputs = model(inputs)
     outputs_leaf = to_float32(outputs.detach(), amp).requires_grad_()
     loss, output_grad, batch_task_loss, bound_scale = output_gradient(

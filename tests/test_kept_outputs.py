@@ -19,11 +19,11 @@ def products(model: nn.Module, x: torch.Tensor, kept_from: torch.Tensor | None =
     tangents = {n: torch.randn_like(p) for n, p in params.items()}
     rng = capture_rng(x.device)
     with batch_statistics_only(model):
-        reference = model_jvp(model, params, tangents, x, rng, {})
+        reference = model_jvp(model, params, tangents, x, rng)
         with torch.random.fork_rng(), kept_layer_outputs(model) as kept:
             torch.set_rng_state(rng["cpu"])
             model(x if kept_from is None else kept_from)
-        count = sum(len(outputs) for outputs in kept.values())
+        count = sum(entry is not None for calls in kept.calls.values() for entry in calls)
         return reference, model_jvp(model, params, tangents, x, rng, kept), count
 
 
@@ -60,7 +60,7 @@ def test_kept_layers_skip_their_primal(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = calls_of(monkeypatch, nn.Conv2d, nn.Linear, nn.Tanh)
     model_jvp(model, params, tangents, x, rng, kept)
     assert calls == []  # every one of them came from the kept forward
-    model_jvp(model, params, tangents, x, rng, {})
+    model_jvp(model, params, tangents, x, rng)
     assert calls.count(nn.Conv2d) == 2 and calls.count(nn.Linear) == 3 and calls.count(nn.Tanh) == 4
 
 
@@ -139,3 +139,82 @@ def test_keep_outputs_changes_the_cost_not_the_update(monkeypatch: pytest.Monkey
     torch.testing.assert_close(initial[0], initial[1], rtol=0, atol=0)
     torch.testing.assert_close(updated[0], updated[1], rtol=1e-10, atol=1e-12)
     assert (updated[0] - initial[0]).abs().max() > 1e-4  # the loss was updated
+
+
+class Unusual(nn.Module):
+    """A linear layer whose forward hook changes its output, one called by keyword, an identity on a tuple, a
+    sigmoid, a subclass of nn.Linear that computes something else, and a parametrized layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hooked, self.keyword, self.sigmoid = nn.Linear(5, 6), nn.Linear(6, 6), nn.Sigmoid()
+        self.hooked.register_forward_hook(lambda _layer, _args, output: output + 0.5)
+        self.placeholder = nn.Identity()
+
+        class Doubled(nn.Linear):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return 2 * super().forward(x)
+
+        self.doubled = Doubled(6, 4)
+        self.parametrized = nn.Linear(4, 3)
+        torch.nn.utils.parametrize.register_parametrization(self.parametrized, "weight", nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.placeholder((F.relu(self.hooked(x)), x))
+        return self.parametrized(self.doubled(self.sigmoid(self.keyword(input=hidden))))
+
+
+def test_hooks_keyword_calls_non_tensors_subclasses_and_parametrizations() -> None:
+    """Kept before the layer's own forward hooks (which run again in the product); a keyword call and a call on a
+    tuple keep nothing; a subclass and a parametrized layer are not kept; the sigmoid's tangent from its output."""
+    torch.manual_seed(0)
+    model = Unusual().double()
+    reference, product, count = products(model, torch.randn(6, 5, dtype=torch.double))
+    torch.testing.assert_close(product, reference, rtol=1e-10, atol=1e-12)
+    assert count == 3  # the hooked linear layer, the sigmoid and the tanh inside the parametrization
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = AdaptiveLoss(num_outputs=3, update_every=1).double().step(
+        model, optimizer, (torch.randn(6, 5, dtype=torch.double), torch.randint(0, 3, (6,))))
+    assert bool(stats.finite)
+
+
+def test_a_global_forward_hook_keeps_nothing() -> None:
+    torch.manual_seed(0)
+    model = build_model("lenet5", (1, 28, 28), 10).double()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda layer, _args, output: output + 0.5 if isinstance(layer, nn.Conv2d) else None)
+    try:
+        reference, product, count = products(model, torch.randn(4, 1, 28, 28, dtype=torch.double))
+    finally:
+        handle.remove()
+    assert count == 0
+    torch.testing.assert_close(product, reference, rtol=1e-10, atol=1e-12)
+
+
+class GradModeBranch(nn.Module):
+    """Calls its first layer once more, on another input of the same shape, when grad mode is on (`extra_with_grad`)
+    or when it is off (the product runs under no_grad)."""
+
+    def __init__(self, extra_with_grad: bool) -> None:
+        super().__init__()
+        self.first, self.second, self.extra_with_grad = nn.Linear(5, 5), nn.Linear(5, 3), extra_with_grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() == self.extra_with_grad:
+            self.first(x.flip(0))  # e.g. an auxiliary output for logging
+        return self.second(torch.tanh(self.first(x)))
+
+
+@pytest.mark.parametrize("extra_with_grad", [True, False])
+def test_a_product_that_calls_layers_otherwise_runs_again_without_kept_outputs(extra_with_grad: bool) -> None:
+    torch.manual_seed(0)
+    model = GradModeBranch(extra_with_grad).double()
+    x = torch.randn(6, 5, dtype=torch.double)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tangents = {n: torch.randn_like(p) for n, p in params.items()}
+    rng = capture_rng(x.device)
+    with kept_layer_outputs(model) as kept:
+        model(x)
+    reference = model_jvp(model, params, tangents, x, rng)
+    torch.testing.assert_close(model_jvp(model, params, tangents, x, rng, kept), reference, rtol=1e-10, atol=1e-12)
+    assert not kept.matched
